@@ -1,0 +1,80 @@
+"""Model and data loading shared by the training stages: chat template fallback, attention choice, the
+output format of the trained model, and one loader for every dataset location a user may name."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+# Llama-3 chat layout, used when a tokenizer ships without a template (base models, the tiny test models).
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+
+def ensure_chat_template(tokenizer):
+    """Give a template-less tokenizer the Llama-3 layout; leave a model's own template untouched."""
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tokenizer
+
+
+def attn_implementation() -> str:
+    """flash_attention_2 where it is installed and a GPU is present, else PyTorch's sdpa (CPU included)."""
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def format_thinking_response(cot: str, response: str) -> str:
+    """The trained model's output layout: thinking first, then the answer."""
+    return f"## Thinking\n\n{cot}\n\n## Final Response\n\n{response}"
+
+
+def _read_local_json(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def load_records(path: str, config: str | None = None, split: str = "train", columns: list[str] | None = None):
+    """Load a dataset from a local .json/.jsonl/.parquet file, a `datasets` save_to_disk folder, a folder of
+    data files, or a Hugging Face hub id, and return a `datasets.Dataset`.
+
+    With `columns`, only those keys are kept (absent ones become None), which spares local JSON files with
+    irregular extra fields from Arrow's schema inference.
+    """
+    import datasets
+
+    local = Path(path)
+    if local.is_file() and local.suffix in (".json", ".jsonl"):
+        records = _read_local_json(local)
+        if columns is not None:
+            records = [{k: r.get(k) for k in columns} if isinstance(r, dict) else r for r in records]
+        return datasets.Dataset.from_list(records)
+    if local.is_file() and local.suffix == ".parquet":
+        dataset = datasets.load_dataset("parquet", data_files=str(local), split="train")
+    elif local.is_dir() and any((local / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        dataset = datasets.load_from_disk(str(local))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+    elif local.exists() and not local.is_dir():
+        raise ValueError(f"{path}: unsupported file type {local.suffix!r}; use .json, .jsonl or .parquet")
+    else:
+        dataset = datasets.load_dataset(path, config, split=split)
+    if columns is not None:
+        dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
+    return dataset

@@ -1,0 +1,36 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from huatuo.models import format_thinking_response, load_records
+
+
+def test_tiny_policy_chats_and_generates(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    assert tok.pad_token == "<|end_of_text|>" and tok.eos_token == "<|eot_id|>"
+    assert tok.pad_token_id != tok.eos_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "胸痛 and fever?"}], tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n胸痛 and fever?<|eot_id|>")
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    assert tok.decode(ids[0]) == text
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 5 or tok.eos_token_id in out[0, ids.shape[1] :]
+
+
+def test_tiny_classifiers_have_their_label_counts(tiny_models):
+    value = AutoModelForSequenceClassification.from_pretrained(tiny_models["value"])
+    verifier = AutoModelForSequenceClassification.from_pretrained(tiny_models["verifier"])
+    vtok = AutoTokenizer.from_pretrained(tiny_models["verifier"])
+    assert value.config.num_labels == 1 and verifier.config.num_labels == 2
+    assert len(vtok) != len(AutoTokenizer.from_pretrained(tiny_models["policy"]))
+    logits = verifier(**vtok(["a reply"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
+
+
+def test_format_and_local_loading(tmp_path):
+    assert format_thinking_response("think", "answer") == "## Thinking\n\nthink\n\n## Final Response\n\nanswer"
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"Question": "q1", "extra": {"a": 1}}\n{"Question": "q2", "extra": [1]}\n')
+    ds = load_records(str(path), columns=["Question", "Response"])
+    assert ds["Question"] == ["q1", "q2"] and ds["Response"] == [None, None]
