@@ -1,0 +1,324 @@
+"""Async client for OpenAI-compatible servers (OpenAI, vLLM, SGLang, any gateway speaking the protocol).
+
+A thin aiohttp client speaking the chat-completions and completions protocol. It was chosen over the
+openai SDK by bench/bench_llm_client.py: at 1024 requests in flight on a 2-core machine the SDK's
+per-request overhead, not the server, limited throughput.
+
+    async with LLMClient("http://127.0.0.1:8000/v1", "gpt-4o", concurrency=10) as llm:
+        reply = await llm.chat("What causes scurvy?", temperature=0.7)
+        print(reply.text, llm.stats)
+
+Retries use exponential backoff with jitter on 408/409/429 (honouring Retry-After), 5xx, timeouts,
+dropped connections and unparseable replies; other 4xx fail at once. After the last retry `LLMError`
+is raised with a readable reason. The API key is sent only in the Authorization header and never
+appears in a repr, exception, log or saved file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import email.utils
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+
+DEFAULT_MAX_TOKENS = 8192
+RETRYABLE_STATUS = {408, 409, 429}
+
+
+class LLMError(Exception):
+    """A request that failed for good (after its retries, or at once for a client error)."""
+
+
+@dataclass
+class Reply:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 1
+    retries: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Usage:
+    """Running totals. `calls` counts HTTP requests sent, retries included; `failures` counts
+    requests that were given up."""
+
+    calls: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, other: Usage) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# The usage of the item being processed: run_all sets a fresh Usage per item task, so every call the
+# item makes, however deep in the stage's code, is added to that item's totals as well as the run's.
+_item_usage: contextvars.ContextVar[Usage | None] = contextvars.ContextVar("item_usage", default=None)
+
+
+@contextlib.contextmanager
+def track_usage():
+    """Collect the usage of every call made inside this block (in this task) into the yielded Usage."""
+    usage = Usage()
+    token = _item_usage.set(usage)
+    try:
+        yield usage
+    finally:
+        _item_usage.reset(token)
+
+
+def normalize_api_url(url: str) -> str:
+    """Base URL (ending in /v1 for the usual servers) from a base or a full endpoint URL."""
+    url = url.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"--api_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {url!r}")
+    path = parts.path.rstrip("/")
+    for suffix in ("/chat/completions", "/completions"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    if not path:
+        path = "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def server_root(base_url: str) -> str:
+    """scheme://host:port of a base URL, where SGLang and vLLM serve /health."""
+    parts = urlsplit(normalize_api_url(base_url))
+    return urlunsplit((parts.scheme, parts.netloc, "", "", ""))
+
+
+def resolve_api_key(flag_value: str | None) -> str | None:
+    """The --api_key flag, else OPENAI_API_KEY, else None (local servers need no key)."""
+    return flag_value or os.environ.get("OPENAI_API_KEY") or None
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class LLMClient:
+    """Bounded-concurrency async client. Use as `async with LLMClient(...) as llm:`.
+
+    `default_sampling` (temperature, top_p, max_tokens, stop, ...) is sent with every request;
+    per-call keyword arguments override it.
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        model: str,
+        api_key: str | None = None,
+        concurrency: int = 10,
+        max_retries: int = 5,
+        timeout: float = 600.0,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        **default_sampling,
+    ):
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.base_url = normalize_api_url(api_url)
+        self.model = model
+        self._api_key = api_key
+        self.concurrency = concurrency
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.default_sampling = default_sampling
+        self.stats = Usage()
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"LLMClient(api_url={self.base_url!r}, model={self.model!r}, concurrency={self.concurrency})"
+
+    async def __aenter__(self) -> LLMClient:
+        self._ensure_session()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            headers = {"Content-Type": "application/json"}
+            if self._api_key:
+                headers["Authorization"] = f"Bearer {self._api_key}"
+            connector = aiohttp.TCPConnector(limit=self.concurrency, limit_per_host=0, ttl_dns_cache=300)
+            self._session = aiohttp.ClientSession(
+                headers=headers,
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                # Responses are parsed by json.loads below; skipping aiohttp's cookie jar saves CPU.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def chat(self, messages: str | list[dict], **sampling) -> Reply:
+        """One chat completion. A string becomes a single user message."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        body = {"model": self.model, "messages": messages, "max_tokens": DEFAULT_MAX_TOKENS}
+        body.update(self.default_sampling)
+        body.update(sampling)
+        return await self._request("/chat/completions", body, chat=True)
+
+    async def complete(self, prompt: str, **sampling) -> Reply:
+        """One plain completion (the /completions endpoint), for prompts already templated."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": DEFAULT_MAX_TOKENS}
+        body.update(self.default_sampling)
+        body.update(sampling)
+        return await self._request("/completions", body, chat=False)
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cap = min(self.backoff_max, self.backoff_base * 2**attempt)
+        delay = cap / 2 + random.uniform(0, cap / 2)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return delay
+
+    def _redact(self, text: str) -> str:
+        if self._api_key and self._api_key in text:
+            text = text.replace(self._api_key, "***")
+        return text
+
+    async def _request(self, path: str, body: dict, chat: bool) -> Reply:
+        session = self._ensure_session()
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        usage = _item_usage.get()
+        attempt = 0
+        while True:
+            self.stats.calls += 1
+            if usage is not None:
+                usage.calls += 1
+            try:
+                async with self._semaphore:
+                    reply = await self._send(session, path, payload, chat)
+            except _Retryable as err:
+                if attempt >= self.max_retries:
+                    self._count_failure(usage)
+                    raise LLMError(
+                        self._redact(f"{path} failed after {attempt + 1} attempts: {err}")
+                    ) from None
+                await asyncio.sleep(self._backoff(attempt, err.retry_after))
+                attempt += 1
+                self.stats.retries += 1
+                if usage is not None:
+                    usage.retries += 1
+                continue
+            except LLMError:
+                self._count_failure(usage)
+                raise
+            reply.calls = attempt + 1
+            reply.retries = attempt
+            self.stats.prompt_tokens += reply.prompt_tokens
+            self.stats.completion_tokens += reply.completion_tokens
+            if usage is not None:
+                usage.prompt_tokens += reply.prompt_tokens
+                usage.completion_tokens += reply.completion_tokens
+            return reply
+
+    def _count_failure(self, usage: Usage | None) -> None:
+        self.stats.failures += 1
+        if usage is not None:
+            usage.failures += 1
+
+    async def _send(self, session: aiohttp.ClientSession, path: str, payload: bytes, chat: bool) -> Reply:
+        try:
+            async with session.post(self.base_url + path, data=payload) as resp:
+                raw = await resp.read()
+                status = resp.status
+                retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))
+        except asyncio.TimeoutError:
+            raise _Retryable(f"no reply within {self.timeout:g} s") from None
+        except aiohttp.ClientError as err:
+            raise _Retryable(f"connection error ({type(err).__name__}: {err})") from None
+        if status != 200:
+            snippet = raw[:300].decode("utf-8", "replace").strip()
+            reason = f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
+            if status in RETRYABLE_STATUS or status >= 500:
+                raise _Retryable(reason, retry_after)
+            raise LLMError(self._redact(f"{path} rejected: {reason}"))
+        try:
+            data = json.loads(raw)
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if chat else choice["text"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            snippet = raw[:200].decode("utf-8", "replace")
+            raise _Retryable(f"unparseable reply body: {snippet!r}") from None
+        usage = data.get("usage") or {}
+        return Reply(
+            text=text or "",
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=choice.get("finish_reason"),
+        )
+
+
+async def health(base_url: str, timeout: float = 5.0, api_key: str | None = None) -> bool:
+    """True when the server answers <root>/health (SGLang, vLLM) or <base>/models with 200."""
+    base = normalize_api_url(base_url)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout), headers=headers
+    ) as session:
+        for url in (server_root(base) + "/health", base + "/models"):
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return True
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                continue
+    return False
+
+
+async def wait_for_server(
+    base_url: str, timeout: float = 600.0, interval: float = 1.0, api_key: str | None = None
+) -> None:
+    """Poll health() until the server is up; raise LLMError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await health(base_url, timeout=min(5.0, max(interval, 0.5)), api_key=api_key):
+            return
+        if time.monotonic() >= deadline:
+            raise LLMError(f"server at {normalize_api_url(base_url)} not ready after {timeout:g} s")
+        await asyncio.sleep(interval)

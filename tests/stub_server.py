@@ -1,0 +1,233 @@
+"""A real OpenAI-compatible HTTP server on 127.0.0.1 with scripted replies, for tests and benchmarks.
+
+    def responder(body):                      # the request's JSON body
+        if "Pass" in body["messages"][0]["content"]:
+            return "Pass"
+        return Fault("status", status=429, retry_after=0)
+
+    with StubServer(responder, latency=0.05) as server:
+        client = LLMClient(server.base_url, "stub")
+        ...
+        server.requests                       # every request: path, body, headers
+
+A responder returns the reply text, or a Fault: an HTTP error status (with Retry-After), a hang
+(the client times out), a malformed JSON body, or a connection dropped before any reply.
+Serves /v1/chat/completions, /v1/completions, /v1/models and /health.
+
+Run on its own (for the benchmark, so the client's CPU is measured alone):
+    python -m tests.stub_server --latency 1.0 --port 0     # prints the base URL on its first line
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+
+@dataclass
+class Fault:
+    """kind: "status" (HTTP `status`, optional Retry-After), "hang" (no reply for `seconds`),
+    "malformed" (200 with a body that is not JSON), "drop" (connection closed without a reply)."""
+
+    kind: str
+    status: int = 500
+    retry_after: float | None = None
+    seconds: float = 3600.0
+
+
+Responder = Callable[[dict], "str | Fault"]
+
+
+def echo_responder(body: dict) -> str:
+    """Default responder: "ok"."""
+    return "ok"
+
+
+def _count_tokens(text: str) -> int:
+    return len(text.split())
+
+
+class StubServer:
+    """Context manager running the server on a background thread; `base_url` ends in /v1."""
+
+    def __init__(
+        self,
+        responder: Responder = echo_responder,
+        latency: float | Callable[[dict], float] = 0.0,
+        port: int = 0,
+        record: bool = True,
+    ):
+        self.responder = responder
+        self.latency = latency
+        self.port = port
+        self.record = record
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._closing: asyncio.Event | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        return app
+
+    async def start(self) -> None:
+        """Start on the running loop (used directly by the standalone process)."""
+        self._closing = asyncio.Event()
+        # handler_cancellation: a client that gives up on a scripted hang ends its handler too.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, handler_cancellation=True
+        )
+        await self._runner.setup()
+        # A short shutdown so scripted hangs do not hold up the end of a test.
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=4096, shutdown_timeout=0.5)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._closing is not None:
+            self._closing.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def __enter__(self) -> StubServer:
+        started = threading.Event()
+        errors: list[BaseException] = []
+
+        def serve() -> None:
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(self.start())
+            except BaseException as err:  # reported to the caller of __enter__
+                errors.append(err)
+                started.set()
+                return
+            started.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self.stop())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=serve, name="stub-openai-server", daemon=True)
+        self._thread.start()
+        started.wait()
+        if errors:
+            raise errors[0]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def bodies(self, path: str = "/v1/chat/completions") -> list[dict]:
+        with self._lock:
+            return [r["body"] for r in self.requests if r["path"] == path]
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=False)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _answer(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        body = await request.json()
+        if self.record:
+            with self._lock:
+                self.requests.append({"path": request.path, "body": body, "headers": dict(request.headers)})
+        latency = self.latency(body) if callable(self.latency) else self.latency
+        if latency:
+            await asyncio.sleep(latency)
+        outcome = self.responder(body)
+        if isinstance(outcome, Fault):
+            return await self._fault(request, outcome)
+        if chat:
+            prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": outcome},
+                "finish_reason": "stop",
+            }
+        else:
+            prompt = str(body.get("prompt", ""))
+            choice = {"index": 0, "text": outcome, "finish_reason": "stop"}
+        prompt_tokens, completion_tokens = _count_tokens(prompt), _count_tokens(outcome)
+        return web.json_response(
+            {
+                "id": "stub",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": body.get("model", "stub"),
+                "choices": [choice],
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    async def _fault(self, request: web.Request, fault: Fault) -> web.StreamResponse:
+        if fault.kind == "status":
+            headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+            return web.json_response(
+                {"error": {"message": f"scripted fault {fault.status}"}}, status=fault.status, headers=headers
+            )
+        if fault.kind == "hang":
+            try:
+                await asyncio.wait_for(self._closing.wait(), fault.seconds)
+            except asyncio.TimeoutError:
+                pass
+            return web.Response(status=504)
+        if fault.kind == "malformed":
+            return web.Response(text='{"choices": [ this is not json', content_type="application/json")
+        if fault.kind == "drop":
+            request.transport.close()
+            return web.Response(status=500)
+        raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve a stub OpenAI-compatible API that answers 'ok'.")
+    parser.add_argument("--latency", type=float, default=1.0, help="seconds before each reply")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    args = parser.parse_args()
+
+    async def serve() -> None:
+        server = StubServer(latency=args.latency, port=args.port, record=False)
+        await server.start()
+        print(server.base_url, flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
