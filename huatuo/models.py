@@ -50,7 +50,9 @@ def _read_local_json(path: Path) -> list[dict]:
     return data
 
 
-def load_records(path: str, config: str | None = None, split: str = "train", columns: list[str] | None = None):
+def load_records(
+    path: str, config: str | None = None, split: str = "train", columns: list[str] | None = None
+):
     """Load a dataset from a local .json/.jsonl/.parquet file, a `datasets` save_to_disk folder, a folder of
     data files, or a Hugging Face hub id, and return a `datasets.Dataset`.
 
@@ -67,7 +69,9 @@ def load_records(path: str, config: str | None = None, split: str = "train", col
         return datasets.Dataset.from_list(records)
     if local.is_file() and local.suffix == ".parquet":
         dataset = datasets.load_dataset("parquet", data_files=str(local), split="train")
-    elif local.is_dir() and any((local / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+    elif local.is_dir() and any(
+        (local / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")
+    ):
         dataset = datasets.load_from_disk(str(local))
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]

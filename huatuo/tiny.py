@@ -87,10 +87,8 @@ def build_tiny_models(out_dir, seed: int = 0) -> dict[str, Path]:
     verifier_tokenizer = build_tokenizer(vocab_size=384)
     verifier = LlamaForSequenceClassification(tiny_config(verifier_tokenizer, num_labels=2))
 
-    for (name, model), tok in zip(
-        [("policy", policy), ("value", value), ("verifier", verifier)],
-        [tokenizer, tokenizer, verifier_tokenizer],
-    ):
+    saved = [(policy, tokenizer), (value, tokenizer), (verifier, verifier_tokenizer)]
+    for name, (model, tok) in zip(paths, saved, strict=True):
         model.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     return paths
@@ -98,7 +96,9 @@ def build_tiny_models(out_dir, seed: int = 0) -> dict[str, Path]:
 
 def main():
     parser = argparse.ArgumentParser(description="Build the tiny offline policy, value model and verifier.")
-    parser.add_argument("--out_dir", default="tiny_models", help="Folder that receives policy/, value/, verifier/.")
+    parser.add_argument(
+        "--out_dir", default="tiny_models", help="Folder that receives policy/, value/, verifier/."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed for the random weights.")
     args = parser.parse_args()
     for name, path in build_tiny_models(args.out_dir, args.seed).items():

@@ -8,8 +8,12 @@ def test_tiny_policy_chats_and_generates(tiny_models):
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
     assert tok.pad_token == "<|end_of_text|>" and tok.eos_token == "<|eot_id|>"
     assert tok.pad_token_id != tok.eos_token_id
-    text = tok.apply_chat_template([{"role": "user", "content": "胸痛 and fever?"}], tokenize=False, add_generation_prompt=True)
-    assert text.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n胸痛 and fever?<|eot_id|>")
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "胸痛 and fever?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text.startswith(
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n胸痛 and fever?<|eot_id|>"
+    )
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
     assert tok.decode(ids[0]) == text
@@ -29,7 +33,9 @@ def test_tiny_classifiers_have_their_label_counts(tiny_models):
 
 
 def test_format_and_local_loading(tmp_path):
-    assert format_thinking_response("think", "answer") == "## Thinking\n\nthink\n\n## Final Response\n\nanswer"
+    assert (
+        format_thinking_response("think", "answer") == "## Thinking\n\nthink\n\n## Final Response\n\nanswer"
+    )
     path = tmp_path / "items.jsonl"
     path.write_text('{"Question": "q1", "extra": {"a": 1}}\n{"Question": "q2", "extra": [1]}\n')
     ds = load_records(str(path), columns=["Question", "Response"])
