@@ -1,0 +1,344 @@
+"""Which option a multiple-choice reply commits to.
+
+    from evaluation.scorer import score
+    score("## Thinking\n\n...\n\n## Final Response\n\nThe answer is (C).", {"A": "...", "B": "...", "C": "..."})
+    # ScoreResult(first='C', last='C', rule='explicit')
+
+Only the answer part of a reply is read: the text after the last `</think>` (R1-style models) and then
+after the last `## Final Response` heading (the HuatuoGPT-o1 format). Rules are tried in order and the
+first one that finds anything decides; each yields every option it found, in reading order, so `first`
+and `last` are the earliest and the latest mention. Last match is the honest reading of a reply that
+changes its mind; first match is reported for comparison with the original evaluation.
+
+1. explicit: a stated answer. "The answer is (C)", "Answer: **C**", "correct option is C", "I'd go
+   with C", "\\boxed{C}", "Option C is correct", "答案是C", "选C", "C项正确", or any of these leads
+   followed by an option's text instead of its letter ("The answer is yes").
+2. letter: a bare option letter set off by punctuation, markdown or CJK ("**C**", "(C)", "C. text"),
+   skipping the article "A", the pronoun "I", and letters that belong to a term (vitamin C, hepatitis B,
+   B cells, E. coli, HLA-B) or to an option's own text ("Vitamin A").
+3. verdict: the answer part opens with an option's whole text ("Yes, ...", "Maybe.").
+4. option_text: an option's text anywhere, ignoring case, punctuation and markdown, on word boundaries,
+   preferring the longest option where one option's text contains another's.
+5. similar: the answer part is a near copy of one option's text (a typo, a truncated reply).
+When nothing matches, first, last and rule are None: the reply has no recognisable answer.
+
+`score_original` reimplements the original release's rules, which reported scores used; it exists to
+show how the two differ (bench/bench_scorer_agreement.py) and to reproduce published numbers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import unicodedata
+from typing import NamedTuple
+
+
+class ScoreResult(NamedTuple):
+    first: str | None
+    last: str | None
+    rule: str | None
+
+
+NO_ANSWER = ScoreResult(None, None, None)
+
+# --------------------------------------------------------------------------------------------------
+# Answer region
+# --------------------------------------------------------------------------------------------------
+
+FINAL_RESPONSE_HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]*final[ \t]+response[ \t]*:?[ \t]*$", re.I | re.M)
+
+
+def answer_region(reply: str) -> str:
+    """The part of a reply that holds its answer: after the thinking, after a `## Final Response` heading.
+
+    NFKC folds full-width letters and brackets (common in Chinese replies) into ASCII ones.
+    """
+    text = unicodedata.normalize("NFKC", reply or "")
+    if "</think>" in text:
+        text = text.rsplit("</think>", 1)[1]
+    else:
+        # A thinking block cut off before it closed is all there is to read.
+        text = text.replace("<think>", "", 1)
+    headings = list(FINAL_RESPONSE_HEADING.finditer(text))
+    if headings:
+        text = text[headings[-1].end() :]
+    return text.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Text helpers
+# --------------------------------------------------------------------------------------------------
+
+CJK = r"\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef"
+
+
+def normalize(text: str) -> str:
+    """Lower-cased words separated by single spaces: 'Crohn's  **Disease**.' -> "crohn s disease"."""
+    return " ".join(re.findall(r"[^\W_]+", unicodedata.normalize("NFKC", text).casefold()))
+
+
+def _has_cjk(text: str) -> bool:
+    return re.search(f"[{CJK}]", text) is not None
+
+
+def _valid_letters(options: dict[str, str]) -> set[str]:
+    return {str(k).strip().upper() for k in options}
+
+
+def _options_in_order(options: dict[str, str]) -> dict[str, str]:
+    """Option letter -> normalized text, longest text first so a containing option wins over a contained one."""
+    norm = {str(k).strip().upper(): normalize(str(v)) for k, v in options.items()}
+    return dict(sorted(((k, v) for k, v in norm.items() if v), key=lambda kv: -len(kv[1])))
+
+
+def _option_at_start(text: str, norm_options: dict[str, str]) -> str | None:
+    """The letter of the longest option whose text opens `text` and ends on a word boundary."""
+    words = normalize(text[:400])
+    for prefix in ("", "the ", "option ", "choice "):
+        for letter, opt in norm_options.items():
+            candidate = prefix + opt
+            if words == candidate or words.startswith(candidate + " "):
+                return letter
+    return None
+
+
+def _result(found: list[tuple[int, str]], rule: str) -> ScoreResult | None:
+    if not found:
+        return None
+    found.sort(key=lambda x: x[0])
+    return ScoreResult(found[0][1], found[-1][1], rule)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rule 1: explicit answer statements
+# --------------------------------------------------------------------------------------------------
+
+_VERB = r"(?:is|was|would\s+be|should\s+be|will\s+be|must\s+be|=|[:：])"
+_LEADS = [
+    # "The (correct/final) answer (choice) is", "Answer:", "**Answer:**", "answer would be"
+    rf"\banswer(?:\s+(?:choice|option|letter))?(?:\*\*|__)?\s*{_VERB}",
+    rf"\bfinal\s+answer(?:\s*{_VERB})?",
+    rf"\b(?:correct|best|right|final|most\s+appropriate|most\s+likely)\s+(?:option|choice|response|letter)\s*(?:\*\*)?\s*{_VERB}",
+    r"\b(?:i\s+would|i'd|i\s+will|i'll|we\s+should|i\s+should|let's)?\s*(?:choose|select|pick|go\s+with)\b",
+    # A line that is only an "Answer" heading, with the answer on the following line.
+    r"(?m:^[ \t#>*_]*(?:final\s+|correct\s+)?answer[ \t*_]*$)",
+    # Chinese: 答案是 / 答案为 / 答案：/ 答案选 / 正确选项是 / 选C / 选择C (选项 alone is the noun "option").
+    r"答案\s*(?:应该是|应为|應為|应是|就是|是|为|為|选|選|[:：])",
+    r"(?:正确|正確|最佳|最合适的)(?:的)?(?:选项|選項|答案)\s*(?:是|为|為|[:：])",
+    r"(?:选|選)(?!项|項)(?:择|擇)?",
+]
+_LEAD = re.compile("|".join(f"(?:{p})" for p in _LEADS), re.I)
+_FILLER = re.compile(
+    r"(?:[\s:：*_\"'“”‘’`(\[（【{<>=-]|\$|\\boxed\{|\\text\{|\\textbf\{)*"
+    r"(?:(?:most\s+)?likely|probably|clearly|therefore|thus|definitely|indeed|option|choice|letter|选项|選項|项|項)?"
+    r"(?:[\s:：*_\"'“”‘’`(\[（【{<>=-]|\$|\\boxed\{|\\text\{|\\textbf\{)*",
+    re.I,
+)
+_LETTER_AFTER_LEAD = re.compile(r"([A-Z])(?![A-Za-z0-9])|(?<=\()([a-z])\)")
+_BOXED = re.compile(r"\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?\(?([A-Z])\)?\s*\}")
+# The letter stated first: "Option C is correct", "(C) is the right answer", "C项正确", "C是正确的".
+_LETTER_THEN_VERDICT = re.compile(
+    r"(?<![A-Za-z0-9])(?:(?:option|choice)\s*)?[(\[*]*([A-Z])[)\]*]*\s*"
+    r"(?:is|would\s+be|seems)\s+(?:the\s+)?(?:most\s+)?(?:correct|right|best)(?:\s+(?:answer|option|choice))?\b"
+    r"|(?<![A-Za-z0-9])([A-Z])\s*(?:选项|選項|项|項)?\s*(?:是|为|為)?\s*(?:正确|正確)(?!吗|嗎)",
+    re.I,
+)
+
+
+def _explicit(text: str, options: dict[str, str], valid: set[str], norm_options: dict[str, str]):
+    found = []
+    for lead in _LEAD.finditer(text):
+        start = _FILLER.match(text, lead.end()).end()
+        m = _LETTER_AFTER_LEAD.match(text, start)
+        letter = (m.group(1) or m.group(2).upper()) if m else None
+        if letter == "I" and re.match(r"\s+[a-z]|['’]", text[m.end() :]):
+            letter = None  # "Answer: I think ..." is the pronoun
+        if letter in valid:
+            found.append((m.start(), letter))
+            continue
+        # A lead followed by an option's text instead of its letter: "The answer is yes."
+        line_end = text.find("\n", start + 1)
+        opt = _option_at_start(text[start : line_end if line_end > 0 else None], norm_options)
+        if opt is not None:
+            found.append((start, opt))
+    for m in _BOXED.finditer(text):
+        if m.group(1) in valid:
+            found.append((m.start(1), m.group(1)))
+    for m in _LETTER_THEN_VERDICT.finditer(text):
+        letter, pos = (m.group(1), m.start(1)) if m.group(1) else (m.group(2), m.start(2))
+        if letter in valid and letter.isupper() and not _part_of_term(text, pos):
+            found.append((pos, letter))
+    # One statement can be seen by two patterns ("answer is \boxed{C}"): keep each position once.
+    return _result(sorted(set(found)), "explicit")
+
+
+# --------------------------------------------------------------------------------------------------
+# Rule 2: bare option letters
+# --------------------------------------------------------------------------------------------------
+
+# Words after which a capital letter names a thing, not an option; a list ("vitamins A, D and E") continues it.
+_TERM_WORDS = (
+    r"vitamins?|hepatitis|type|types|group|groups|class|factor|factors|protein|proteins|phase|stage|grade|zone|"
+    r"serotype|subtype|strain|lead|schedule|plan|part|section|appendix|table|figure|fig|step|level|category|"
+    r"tier|complex|site|region|domain|chain|chains|fiber|fibers|fibre|fibres|band|bands|wave|waves|cell|cells|"
+    r"compartment|ring|loop|segment|point|blood|immunoglobulin|botulinum|toxin|influenza|cluster|vaccine|"
+    r"antigen|antigens|allele|gene|genes|locus|sample|patient|person|drug|compound|tube|well|line|pole|bundle"
+)
+_TERM_BEFORE = re.compile(rf"\b(?:{_TERM_WORDS})\s+(?:[A-Z]\s*(?:,|and|or|&|/)\s*)*$", re.I)
+_OPTION_WORD_BEFORE = re.compile(
+    r"(?:\b(?:option|choice|answer|letter|options|choices)|选项|選項|选|選)\s*[(\[*]*$", re.I
+)
+# After a letter and a space, these words make it a statement about an option ("B is correct", "C fits").
+_VERB_AFTER = re.compile(
+    r"\s+(?:is|was|seems|appears|would|could|fits|matches|remains|best|correctly|describes|represents|"
+    r"explains|aligns|accounts|corresponds|answers)\b"
+)
+_BARE = re.compile(r"(?<![A-Za-z0-9_])([A-Z])(?![A-Za-z0-9_])")
+
+
+def _part_of_term(text: str, pos: int) -> bool:
+    """Whether the capital letter at `pos` belongs to a term rather than naming an option."""
+    before, after = text[max(0, pos - 80) : pos], text[pos + 1 : pos + 3]
+    if re.match(r"[-'’][A-Za-z0-9]", after) or re.search(r"[A-Za-z0-9][-'’]$", before):
+        return True  # B-cell, I'm, HLA-B, anti-D
+    return _TERM_BEFORE.search(before) is not None
+
+
+def _mask_option_texts(text: str, options: dict[str, str], valid: set[str]) -> str:
+    """Blank out quoted option texts that contain a standalone option letter, so 'Vitamin A' is no vote for A."""
+    for opt in options.values():
+        opt = unicodedata.normalize("NFKC", str(opt)).strip()
+        if len(opt) > 2 and any(m.group(1) in valid for m in _BARE.finditer(opt)):
+            text = re.sub(re.escape(opt), lambda m: " " * len(m.group(0)), text, flags=re.I)
+    return text
+
+
+def _labelled(text: str, pos: int, letter: str, norm_options: dict[str, str]) -> bool:
+    """Whether the letter at `pos` is followed by its own option text, as in "C. Hypertension"."""
+    opt = norm_options.get(letter)
+    return bool(opt) and _option_at_start(text[pos + 1 :], {letter: opt}) == letter
+
+
+def _letters(text: str, options: dict[str, str], valid: set[str], norm_options: dict[str, str]):
+    masked = _mask_option_texts(text, options, valid)
+    found = []
+    for m in _BARE.finditer(masked):
+        letter, pos = m.group(1), m.start(1)
+        if letter not in valid:
+            continue
+        if _labelled(text, pos, letter, norm_options):
+            found.append((pos, letter))
+            continue
+        if _part_of_term(masked, pos):
+            continue
+        after = masked[pos + 1 : pos + 40]
+        named = _OPTION_WORD_BEFORE.search(masked[max(0, pos - 20) : pos]) is not None
+        if re.match(r" +[A-Za-z0-9]", after) and not named:
+            # "A patient", "I think", "B cells", "A 45-year-old": a word follows, so only a verb
+            # ("B is correct") makes it an option.
+            if letter in "AI" or not _VERB_AFTER.match(after):
+                continue
+        if re.match(r"\.\s+[a-z]", after) and not named:
+            continue  # E. coli, S. aureus: a genus, unless the option's own text follows (handled above)
+        found.append((pos, letter))
+    return _result(found, "letter")
+
+
+# --------------------------------------------------------------------------------------------------
+# Rules 3-5: option texts
+# --------------------------------------------------------------------------------------------------
+
+
+def _verdict(text: str, options: dict[str, str]):
+    head = re.sub(r"^[\s#*_>\"'“]+", "", text).casefold()
+    # The option text must be the whole opening clause: "Yes, ..." or "Maybe." but not "No significant ...".
+    for letter, opt in sorted(options.items(), key=lambda kv: -len(str(kv[1]))):
+        words = re.findall(r"[^\W_]+", unicodedata.normalize("NFKC", str(opt)).casefold())
+        if words and re.match(r"[\W_]+".join(map(re.escape, words)) + r"[\s*_]*(?:[.,;:!?)\n]|$)", head):
+            return ScoreResult(str(letter).strip().upper(), str(letter).strip().upper(), "verdict")
+    return None
+
+
+def _option_texts(text: str, norm_options: dict[str, str]):
+    words = f" {normalize(text)} "
+    spans = []
+    for letter, opt in norm_options.items():
+        needle = opt if _has_cjk(opt) else f" {opt} "
+        start = words.find(needle)
+        while start >= 0:
+            spans.append((start, start + len(needle), letter))
+            start = words.find(needle, start + 1)
+    # Keep a mention only when no longer option's mention covers it ("pulmonary hypertension" vs "hypertension").
+    kept = [
+        (s, letter)
+        for s, e, letter in spans
+        if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)
+    ]
+    return _result(kept, "option_text")
+
+
+SIMILARITY_THRESHOLD = 0.8
+
+
+def _similar(text: str, norm_options: dict[str, str]):
+    words = normalize(text)
+    if not words:
+        return None
+    ratios = {k: difflib.SequenceMatcher(None, words, v).ratio() for k, v in norm_options.items()}
+    best = max(ratios, key=ratios.get, default=None)
+    if best is None or ratios[best] < SIMILARITY_THRESHOLD:
+        return None
+    return ScoreResult(best, best, "similar")
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def score(reply: str, options: dict[str, str]) -> ScoreResult:
+    """The option letters a reply states first and last, and the rule that found them (all None if none)."""
+    text = answer_region(reply)
+    if not text or not options:
+        return NO_ANSWER
+    valid = _valid_letters(options)
+    norm_options = _options_in_order(options)
+    return (
+        _explicit(text, options, valid, norm_options)
+        or _letters(text, options, valid, norm_options)
+        or _verdict(text, options)
+        or _option_texts(text, norm_options)
+        or _similar(text, norm_options)
+        or NO_ANSWER
+    )
+
+
+def score_original(reply: str, options: dict[str, str]) -> ScoreResult:
+    """The original release's rules, kept to compare against and to reproduce published numbers.
+
+    1) "answer is" directly followed by a capital A-N; 2) any capital among the first len(options)
+    letters with a non-word character, CJK or a line edge on both sides (a capital A followed by a
+    space excluded); 3) case-insensitive substring search for option texts; 4) the most similar
+    option text, so it always answers something. Only the text after "## Final Response\\n\\n" is read.
+    """
+    text = (reply or "").split("## Final Response\n\n")[-1]
+    found = [m.group(1) for m in re.finditer(r"answer is\s*?([A-N])", text, re.S)]
+    if found:
+        return ScoreResult(found[0], found[-1], "original_answer_is")
+    letters = "ABCDEFGHIJKLMN"[: len(options)]
+    pattern = rf"(?:^|[^\w]|[\u4e00-\u9fff])(?!A )([{letters}])(?:[^\w]|[\u4e00-\u9fff]|$)"
+    found = [m.group(1) for m in re.finditer(pattern, text, re.S)]
+    if found:
+        return ScoreResult(found[0], found[-1], "original_letter")
+    lower = text.lower()
+    hits = [(lower.find(str(v).lower()), lower.rfind(str(v).lower()), k) for k, v in options.items()]
+    hits = [h for h in hits if h[0] >= 0]
+    if hits:
+        return ScoreResult(min(hits)[2], max(hits, key=lambda h: h[1])[2], "original_option_text")
+    letter, best = None, -1.0
+    for k, v in options.items():
+        ratio = difflib.SequenceMatcher(None, str(v).lower(), lower).ratio()
+        if ratio >= best:
+            letter, best = k, ratio
+    return ScoreResult(letter, letter, "original_similar")
