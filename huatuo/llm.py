@@ -133,7 +133,7 @@ class LLMClient:
     """Bounded-concurrency async client. Use as `async with LLMClient(...) as llm:`.
 
     `default_sampling` (temperature, top_p, max_tokens, stop, ...) is sent with every request;
-    per-call keyword arguments override it.
+    per-call keyword arguments override it. Clients given the same `stats` share one running total.
     """
 
     def __init__(
@@ -146,6 +146,7 @@ class LLMClient:
         timeout: float = 600.0,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
+        stats: Usage | None = None,
         **default_sampling,
     ):
         if concurrency < 1:
@@ -159,7 +160,7 @@ class LLMClient:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.default_sampling = default_sampling
-        self.stats = Usage()
+        self.stats = stats if stats is not None else Usage()
         self._semaphore = asyncio.Semaphore(concurrency)
         self._session: aiohttp.ClientSession | None = None
 

@@ -22,6 +22,7 @@ _STEPS = {"question", "previous_reasoning"}
 CONTRACT: dict[str, tuple[set[str], set[str]]] = {
     "construct_filter": ({"question", "options", "answer", "answer_idx"}, {"question", "options"}),
     "construct_reformat": ({"question", "options", "answer", "answer_idx"}, {"question", "options"}),
+    "construct_difficulty": ({"question", "options"}, {"question", "options"}),
     "search_init": ({"question"}, {"question"}),
     "search_backtracking": (_STEPS, _STEPS),
     "search_exploring_new_paths": (_STEPS, _STEPS),

@@ -39,6 +39,7 @@ class Fault:
     status: int = 500
     retry_after: float | None = None
     seconds: float = 3600.0
+    message: str = "scripted fault"
 
 
 Responder = Callable[[dict], "str | Fault"]
@@ -68,6 +69,8 @@ class StubServer:
         self.port = port
         self.record = record
         self.requests: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -89,13 +92,13 @@ class StubServer:
     async def start(self) -> None:
         """Start on the running loop (used directly by the standalone process)."""
         self._closing = asyncio.Event()
-        # handler_cancellation: a client that gives up on a scripted hang ends its handler too.
+        # A client that gives up on a scripted hang ends its handler too, and a short shutdown keeps
+        # hangs from holding up the end of a test.
         self._runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, handler_cancellation=True
+            self.app(), access_log=None, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.5
         )
         await self._runner.setup()
-        # A short shutdown so scripted hangs do not hold up the end of a test.
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=4096, shutdown_timeout=0.5)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=4096)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
@@ -157,8 +160,13 @@ class StubServer:
             with self._lock:
                 self.requests.append({"path": request.path, "body": body, "headers": dict(request.headers)})
         latency = self.latency(body) if callable(self.latency) else self.latency
-        if latency:
-            await asyncio.sleep(latency)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if latency:
+                await asyncio.sleep(latency)
+        finally:
+            self.in_flight -= 1
         outcome = self.responder(body)
         if isinstance(outcome, Fault):
             return await self._fault(request, outcome)
@@ -192,7 +200,7 @@ class StubServer:
         if fault.kind == "status":
             headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
             return web.json_response(
-                {"error": {"message": f"scripted fault {fault.status}"}}, status=fault.status, headers=headers
+                {"error": {"message": fault.message}}, status=fault.status, headers=headers
             )
         if fault.kind == "hang":
             try:
