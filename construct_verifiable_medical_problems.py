@@ -235,6 +235,8 @@ def main(args):
             sources = load_eval_file(args.decontaminate, {"question": MCQ["question"]})
             eval_questions = [it["question"] for its in sources.values() for it in its]
             decontaminator = Decontaminator(eval_questions)
+        if resolve_api_key(args.api_key) is None and "api.openai.com" in api_url:
+            raise ValueError(f"{api_url} needs a key: set OPENAI_API_KEY or pass --api_key")
         if args.max_parse_retries < 0 or args.num_process < 1:
             raise ValueError("--max_parse_retries must be >= 0 and --num_process >= 1")
         if not 0.0 <= args.keep_mcq_fraction <= 1.0:

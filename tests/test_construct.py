@@ -269,12 +269,22 @@ def test_bad_input_fails_clearly_before_any_call_or_write(tmp_path, content, mes
         (["--decontaminate", "missing_eval.json"], "missing_eval.json: file not found"),
         (["--keep_mcq_fraction", "1.5"], "--keep_mcq_fraction"),
         (["--api_url", "localhost:8000"], "--api_url must be an http(s) URL"),
+        (["--api_url", "https://api.openai.com/v1"], "needs a key: set OPENAI_API_KEY"),
     ],
 )
-def test_bad_flags_fail_before_writing(tmp_path, flags, message):
+def test_bad_flags_fail_before_writing(tmp_path, monkeypatch, flags, message):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     data = write(tmp_path / "data.json", [mcq(1)])
     with pytest.raises(SystemExit) as exit_info:
-        run_main("--data_path", data, "--output_dir", tmp_path / "out", *flags)
+        run_main(
+            "--data_path",
+            data,
+            "--output_dir",
+            tmp_path / "out",
+            "--api_url",
+            "http://127.0.0.1:9/v1",
+            *flags,
+        )
     assert message in str(exit_info.value.code)
     assert not (tmp_path / "out").exists()
 

@@ -4,6 +4,7 @@ import asyncio
 import json
 import socket
 
+import openai
 import pytest
 
 from huatuo.llm import (
@@ -101,6 +102,24 @@ def test_chat_and_complete_speak_the_protocol():
     assert completion_body["prompt"] == "plain prompt" and completion_body["max_tokens"] == 5
     assert all(r["headers"]["Authorization"] == f"Bearer {KEY}" for r in server.requests)
     assert stats.calls == 2 and stats.prompt_tokens == 3 and stats.retries == 0
+
+
+def test_stub_server_speaks_the_protocol_of_the_openai_sdk():
+    with StubServer(flaky(None, 0)) as server:
+
+        async def go():
+            client = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+            async with client:
+                chat = await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi there"}], max_tokens=4
+                )
+                text = await client.completions.create(model="m", prompt="p", max_tokens=4)
+            return chat, text
+
+        chat, text = run(go())
+    assert chat.choices[0].message.content == "answer: hi there"
+    assert chat.usage.prompt_tokens == 2 and chat.usage.completion_tokens == 3
+    assert text.choices[0].text == "done"
 
 
 def test_no_authorization_header_without_key():
