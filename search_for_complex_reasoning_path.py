@@ -37,6 +37,7 @@ retries and tokens) and, when kept, `Question`, `Complex_CoT`, `Response`.
 
 import argparse
 import asyncio
+import re
 import sys
 import time
 from collections import Counter
@@ -332,8 +333,9 @@ def main(args):
         "seconds_this_run": round(seconds, 1),
     }
     # Merged files are rebuilt from the per-item store; older ones with other counts would mislead.
-    for pattern in (f"{name}_[0-9]*.json", f"{name}_given_up_[0-9]*.json"):
-        for stale in output_dir.glob(pattern):
+    merged = re.compile(rf"{re.escape(name)}_(given_up_)?\d+\.json")
+    for stale in output_dir.glob(f"{name}_*.json"):
+        if merged.fullmatch(stale.name):
             stale.unlink()
     kept_path = output_dir / f"{name}_{len(kept)}.json"
     write_json_atomic(kept_path, kept)
