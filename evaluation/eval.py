@@ -295,9 +295,8 @@ async def budget_forced(llm: LLMClient, prompt: str, args: argparse.Namespace, s
     """
     thinking, used, waits = "", 0, args.budget_waits
     while used < args.thinking_budget:
-        part = await llm.complete(
-            prompt + thinking, **sampling, max_tokens=args.thinking_budget - used, stop=[args.thinking_end]
-        )
+        budget = {**sampling, "max_tokens": args.thinking_budget - used, "stop": [args.thinking_end]}
+        part = await llm.complete(prompt + thinking, **budget)
         # Servers leave the stop string out of the text; strip it in case one keeps it.
         text = part.text.rstrip()
         if text.endswith(args.thinking_end):
@@ -309,7 +308,7 @@ async def budget_forced(llm: LLMClient, prompt: str, args: argparse.Namespace, s
         thinking += WAIT
         waits -= 1
     heading = f"\n\n{args.thinking_end}\n\n"
-    answer = await llm.complete(prompt + thinking + heading, **sampling, max_tokens=args.max_new_tokens)
+    answer = await llm.complete(prompt + thinking + heading, **sampling)
     return thinking + heading + answer.text, used + answer.completion_tokens, answer.finish_reason
 
 
@@ -636,6 +635,8 @@ def main(args: argparse.Namespace) -> dict:
         print(
             f"warning: {failed} question(s) got no reply and count as wrong; rerun the same command to retry them"
         )
+        reasons = sorted({r["reason"] for r in replies.values() if r.get("status") == GIVEN_UP})
+        print("failure reasons:\n  " + "\n  ".join(reasons[:5]))
     print(f"saved {output_dir / name}.json, result_{name}.json and {name}_summary.json in {output_dir}")
     return summary
 
