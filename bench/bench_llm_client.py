@@ -7,6 +7,7 @@ own process so that the CPU time printed is the client's alone.
 
     python bench/bench_llm_client.py                      # C = 64, 256, 1024; latency 1 s
     python bench/bench_llm_client.py --concurrency 256 --rounds 10
+    python bench/bench_llm_client.py --client openai           # the openai SDK, for comparison
 
 Targets: completed/ideal >= 0.95 at 256 and >= 0.8 at 1024.
 """
@@ -43,37 +44,56 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     return proc, base_url
 
 
-async def measure(base_url: str, concurrency: int, rounds: int) -> tuple[float, float, int]:
+async def measure(base_url: str, concurrency: int, rounds: int, client: str) -> tuple[float, float, int]:
     """Seconds of wall time, client CPU seconds, and failures for rounds * concurrency requests."""
-    async with LLMClient(base_url, "bench", concurrency=concurrency, max_retries=0, timeout=60) as llm:
-        messages = [{"role": "user", "content": "Which vitamin deficiency causes scurvy?"}]
+    messages = [{"role": "user", "content": "Which vitamin deficiency causes scurvy?"}]
+    if client == "huatuo":
+        llm = LLMClient(base_url, "bench", concurrency=concurrency, max_retries=0, timeout=60)
+        send, errors = (lambda: llm.chat(messages, max_tokens=16)), (LLMError,)
+    else:
+        import openai
 
-        # One lane per slot sending its requests back to back, as huatuo.store.run_all drives the client.
-        async def lane() -> int:
-            failed = 0
-            for _ in range(rounds):
-                try:
-                    await llm.chat(messages, max_tokens=16)
-                except LLMError:
-                    failed += 1
-            return failed
+        llm = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=60)
+        semaphore = asyncio.Semaphore(concurrency)
 
+        async def send():
+            async with semaphore:
+                return await llm.chat.completions.create(model="bench", messages=messages, max_tokens=16)
+
+        errors = (openai.OpenAIError,)
+
+    # One lane per slot sending its requests back to back, as huatuo.store.run_all drives the client.
+    async def lane() -> int:
+        failed = 0
+        for _ in range(rounds):
+            try:
+                await send()
+            except errors:
+                failed += 1
+        return failed
+
+    try:
         cpu0, wall0 = time.process_time(), time.perf_counter()
         failures = await asyncio.gather(*(lane() for _ in range(concurrency)))
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    finally:
+        await llm.close()
     return wall, cpu, sum(failures)
 
 
 def main(args: argparse.Namespace) -> None:
     proc, base_url = start_server(args.latency)
     try:
-        print(f"server {base_url}  latency {args.latency:g} s  rounds {args.rounds}  cpus {os.cpu_count()}")
+        print(
+            f"client {args.client}  server {base_url}  latency {args.latency:g} s  "
+            f"rounds {args.rounds}  cpus {os.cpu_count()}"
+        )
         print(
             f"{'concurrency':>11} {'requests':>8} {'req/s':>8} {'ideal':>7} {'fraction':>8} "
             f"{'target':>6} {'cpu ms/req':>10} {'failed':>6}"
         )
         for concurrency in args.concurrency:
-            wall, cpu, failed = asyncio.run(measure(base_url, concurrency, args.rounds))
+            wall, cpu, failed = asyncio.run(measure(base_url, concurrency, args.rounds, args.client))
             total = args.rounds * concurrency
             rate, ideal = total / wall, concurrency / args.latency
             target = TARGETS.get(concurrency)
@@ -95,5 +115,11 @@ if __name__ == "__main__":
         "--concurrency", type=int, nargs="+", default=[64, 256, 1024], help="requests in flight"
     )
     parser.add_argument("--rounds", type=int, default=5, help="requests per concurrency slot (default: 5)")
+    parser.add_argument(
+        "--client",
+        choices=["huatuo", "openai"],
+        default="huatuo",
+        help="huatuo.llm.LLMClient (default), or the openai SDK's AsyncOpenAI for comparison",
+    )
     parser.add_argument("--latency", type=float, default=1.0, help="server latency in seconds (default: 1)")
     main(parser.parse_args())
