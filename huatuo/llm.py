@@ -189,7 +189,7 @@ class LLMClient:
                 headers=headers,
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
-                # Responses are parsed by json.loads below; skipping aiohttp's cookie jar saves CPU.
+                # API servers set no cookies worth keeping; a dummy jar saves CPU on every reply.
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
@@ -228,11 +228,11 @@ class LLMClient:
         usage = _item_usage.get()
         attempt = 0
         while True:
-            self.stats.calls += 1
-            if usage is not None:
-                usage.calls += 1
             try:
                 async with self._semaphore:
+                    self.stats.calls += 1
+                    if usage is not None:
+                        usage.calls += 1
                     reply = await self._send(session, path, payload, chat)
             except _Retryable as err:
                 if attempt >= self.max_retries:
