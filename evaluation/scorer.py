@@ -29,6 +29,7 @@ show how the two differ (bench/bench_scorer_agreement.py) and to reproduce publi
 from __future__ import annotations
 
 import difflib
+import itertools
 import re
 import unicodedata
 from typing import NamedTuple
@@ -73,9 +74,23 @@ def answer_region(reply: str) -> str:
 CJK = r"\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef"
 
 
-def normalize(text: str) -> str:
-    """Lower-cased words separated by single spaces: 'Crohn's  **Disease**.' -> "crohn s disease"."""
-    return " ".join(re.findall(r"[^\W_]+", unicodedata.normalize("NFKC", text).casefold()))
+# Words, plus the symbols that tell options apart ("BMI < 25" vs "BMI = 25", "K+", "↑ ↓").
+_TOKEN = re.compile(r"[^\W_]+|[<>=≤≥≠±+%↑↓→←]")
+
+
+def normalize(text: str, fold: bool = True) -> str:
+    """Words separated by single spaces, lower-cased unless `fold` is off: 'Crohn's  **Disease**.' -> "crohn s disease"."""
+    text = unicodedata.normalize("NFKC", text)
+    return " ".join(_TOKEN.findall(text.lower() if fold else text))
+
+
+def _token_pattern(tokens: list[str]) -> str:
+    """A regex for these tokens with any punctuation between words (none needed next to a symbol)."""
+    pattern = re.escape(tokens[0])
+    for prev, tok in itertools.pairwise(tokens):
+        joint = r"[\W_]+" if prev[-1].isalnum() and tok[0].isalnum() else r"[\W_]*?"
+        pattern += joint + re.escape(tok)
+    return pattern
 
 
 def _has_cjk(text: str) -> bool:
@@ -86,21 +101,47 @@ def _valid_letters(options: dict[str, str]) -> set[str]:
     return {str(k).strip().upper() for k in options}
 
 
-def _options_in_order(options: dict[str, str]) -> dict[str, str]:
-    """Option letter -> normalized text, longest text first so a containing option wins over a contained one."""
-    norm = {str(k).strip().upper(): normalize(str(v)) for k, v in options.items()}
-    return dict(sorted(((k, v) for k, v in norm.items() if v), key=lambda kv: -len(kv[1])))
+class _Options(dict):
+    """Option letter -> normalized text, longest first so a containing option wins over a contained one.
+
+    Case is ignored unless two options differ only in case (genotypes: "Tt x tt" and "TT x tt").
+    """
+
+    def __init__(self, options: dict[str, str]):
+        texts = {str(k).strip().upper(): str(v) for k, v in options.items()}
+        folded = [normalize(v) for v in texts.values()]
+        self.fold = len(set(folded)) == len(folded)
+        norm = {k: normalize(v, self.fold) for k, v in texts.items()}
+        super().__init__(sorted(((k, v) for k, v in norm.items() if v), key=lambda kv: -len(kv[1])))
+
+    def norm(self, text: str) -> str:
+        return normalize(text, self.fold)
+
+    def only(self, letter: str) -> _Options:
+        one = _Options({})
+        one.fold, one[letter] = self.fold, self[letter]
+        return one
 
 
-def _option_at_start(text: str, norm_options: dict[str, str]) -> str | None:
+def _option_at_start(text: str, norm_options: _Options) -> str | None:
     """The letter of the longest option whose text opens `text` and ends on a word boundary."""
-    words = normalize(text[:400])
-    for prefix in ("", "the ", "option ", "choice "):
+    words = norm_options.norm(text[:400])
+    for prefix in ("", "the ", "option ", "choice ", "The ", "Option ", "Choice "):
         for letter, opt in norm_options.items():
             candidate = prefix + opt
             if words == candidate or words.startswith(candidate + " "):
                 return letter
     return None
+
+
+def _outermost(spans: list[tuple[int, int, str]]) -> list[tuple[int, str]]:
+    """(start, letter) of the option mentions that no longer mention covers ("pulmonary hypertension" over
+    "hypertension", "Hard palate, upper lip" over "Hard palate")."""
+    return [
+        (s, letter)
+        for s, e, letter in spans
+        if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)
+    ]
 
 
 def _result(found: list[tuple[int, str]], rule: str) -> ScoreResult | None:
@@ -117,10 +158,10 @@ def _result(found: list[tuple[int, str]], rule: str) -> ScoreResult | None:
 _VERB = r"(?:is|was|would\s+be|should\s+be|will\s+be|must\s+be|=|[:：])"
 _LEADS = [
     # "The (correct/final) answer (choice) is", "Answer:", "**Answer:**", "answer would be"
-    rf"\banswer(?:\s+(?:choice|option|letter))?(?:\*\*|__)?\s*{_VERB}",
+    rf"\banswer(?:\s+(?:choice|option|letter)|\s+to\s+(?:the|this)\s+question)?(?:\*\*|__)?\s*{_VERB}",
     rf"\bfinal\s+answer(?:\s*{_VERB})?",
     rf"\b(?:correct|best|right|final|most\s+appropriate|most\s+likely)\s+(?:option|choice|response|letter)\s*(?:\*\*)?\s*{_VERB}",
-    r"\b(?:i\s+would|i'd|i\s+will|i'll|we\s+should|i\s+should|let's)?\s*(?:choose|select|pick|go\s+with)\b",
+    r"\b(?:i\s+would|i'd|i\s+will|i'll|we\s+should|i\s+should|let's)?\s*(?:choose|chose|select|selected|pick|picked|go\s+with)\b",
     # A line that is only an "Answer" heading, with the answer on the following line.
     r"(?m:^[ \t#>*_]*(?:final\s+|correct\s+)?answer[ \t*_]*$)",
     # Chinese: 答案是 / 答案为 / 答案：/ 答案选 / 正确选项是 / 选C / 选择C (选项 alone is the noun "option").
@@ -130,12 +171,12 @@ _LEADS = [
 ]
 _LEAD = re.compile("|".join(f"(?:{p})" for p in _LEADS), re.I)
 _FILLER = re.compile(
-    r"(?:[\s:：*_\"'“”‘’`(\[（【{<>=-]|\$|\\boxed\{|\\text\{|\\textbf\{)*"
+    r"(?:[\s:：*_\"'“”‘’`(\[（【{}<>=-]|\$|\\boxed\{|\\text\{|\\textbf\{)*"
     r"(?:(?:most\s+)?likely|probably|clearly|therefore|thus|definitely|indeed|option|choice|letter|选项|選項|项|項)?"
     r"(?:[\s:：*_\"'“”‘’`(\[（【{<>=-]|\$|\\boxed\{|\\text\{|\\textbf\{)*",
     re.I,
 )
-_LETTER_AFTER_LEAD = re.compile(r"([A-Z])(?![A-Za-z0-9])|(?<=\()([a-z])\)")
+_LETTER_AFTER_LEAD = re.compile(r"([A-Z])(?![A-Za-z0-9_])|(?<=\()([a-z])\)")
 _BOXED = re.compile(r"\\boxed\{\s*(?:\\text(?:bf)?\{\s*)?\(?([A-Z])\)?\s*\}")
 # The letter stated first: "Option C is correct", "(C) is the right answer", "C项正确", "C是正确的".
 _LETTER_THEN_VERDICT = re.compile(
@@ -145,22 +186,64 @@ _LETTER_THEN_VERDICT = re.compile(
     re.I,
 )
 
+# An option's text stated as the answer: "Clopidogrel is the best choice." (the text is checked in code).
+_TEXT_THEN_VERDICT = re.compile(
+    r"(?:\*\*|__)?\s+(?:is|would\s+be|remains)\s+(?:the\s+)?(?:best|correct|right|most\s+appropriate|most\s+likely)"
+    r"\s+(?:answer|choice|option)\b",
+    re.I,
+)
+# A line that is only the answer: "**C**", "(C)", "C. Heparin", "Option C". Checked against the option's text in code.
+_ANSWER_LINE = re.compile(
+    r"^[ \t>#*_-]*(?:(?i:option|choice)\s+)?[(\[]?([A-Z])[)\]]?(?:[.:)]?[ \t]+(.*?)|[.:)]?)[ \t*_.]*$", re.M
+)
 
-def _explicit(text: str, options: dict[str, str], valid: set[str], norm_options: dict[str, str]):
+
+def _answer_lines(text: str, valid: set[str], norm_options: _Options) -> list[tuple[int, str]]:
+    bare, labelled = [], []
+    for m in _ANSWER_LINE.finditer(text):
+        letter, rest = m.group(1), m.group(2)
+        if letter not in valid:
+            continue
+        if not rest:
+            bare.append((m.start(1), letter))
+        elif norm_options.norm(rest) == norm_options.get(letter):
+            labelled.append((m.start(1), letter))
+    # Three or more options restated one per line are the question's list, not a choice.
+    if len({letter for _, letter in labelled}) >= 3:
+        labelled = []
+    return bare + labelled
+
+
+_HEDGE = re.compile(
+    r"\b(?:maybe|perhaps|if|whether|might|could|unless|wonder|not\s+sure)\b|会不会|是否|可能|如果", re.I
+)
+
+
+def _tentative(text: str, lead_start: int, answer_end: int) -> bool:
+    """A hedged or questioning statement ("Maybe the answer is B?", "答案可能是B？") is thinking aloud."""
+    sentence_start = max(text.rfind(c, 0, lead_start) for c in ".!?\n。！？")
+    if _HEDGE.search(text[sentence_start + 1 : lead_start]):
+        return True
+    return re.match(r"[)\]*_\s]*[?？]", text[answer_end : answer_end + 6]) is not None
+
+
+def _explicit(text: str, options: dict[str, str], valid: set[str], norm_options: _Options):
     found = []
     for lead in _LEAD.finditer(text):
         start = _FILLER.match(text, lead.end()).end()
-        m = _LETTER_AFTER_LEAD.match(text, start)
-        letter = (m.group(1) or m.group(2).upper()) if m else None
-        if letter == "I" and re.match(r"\s+[a-z]|['’]", text[m.end() :]):
-            letter = None  # "Answer: I think ..." is the pronoun
-        if letter in valid:
-            found.append((m.start(), letter))
-            continue
-        # A lead followed by an option's text instead of its letter: "The answer is yes."
         line_end = text.find("\n", start + 1)
+        # A lead followed by an option's text instead of its letter: "The answer is yes."
         opt = _option_at_start(text[start : line_end if line_end > 0 else None], norm_options)
-        if opt is not None:
+        m = _LETTER_AFTER_LEAD.match(text, start)
+        letter, after = ((m.group(1) or m.group(2).upper()), text[m.end() :]) if m else (None, "")
+        if letter == "I" and re.match(r"\s+[a-z]|['’]", after):
+            letter = None  # "Answer: I think ..." is the pronoun
+        # A letter followed by a word is an option text that opens with a capital when some option's text
+        # fits: "The answer is A stable genome.", "... is H+ ions".
+        if letter in valid and (opt is None or re.match(r"[ \t]*(?:[.):\]】）*_,;!?。，\n]|$)", after)):
+            if not _tentative(text, lead.start(), m.end()):
+                found.append((m.start(), letter))
+        elif opt is not None and not _tentative(text, lead.start(), start):
             found.append((start, opt))
     for m in _BOXED.finditer(text):
         if m.group(1) in valid:
@@ -169,6 +252,14 @@ def _explicit(text: str, options: dict[str, str], valid: set[str], norm_options:
         letter, pos = (m.group(1), m.start(1)) if m.group(1) else (m.group(2), m.start(2))
         if letter in valid and letter.isupper() and not _part_of_term(text, pos):
             found.append((pos, letter))
+    for m in _TEXT_THEN_VERDICT.finditer(text):
+        # Longest option first, across sentence marks: option texts may hold full stops of their own.
+        words = norm_options.norm(text[max(0, m.start() - 600) : m.start()])
+        for letter, opt in norm_options.items():
+            if words == opt or words.endswith(" " + opt):
+                found.append((m.start(), letter))
+                break
+    found += _answer_lines(text, valid, norm_options)
     # One statement can be seen by two patterns ("answer is \boxed{C}"): keep each position once.
     return _result(sorted(set(found)), "explicit")
 
@@ -210,25 +301,31 @@ def _mask_option_texts(text: str, options: dict[str, str], valid: set[str]) -> s
     for opt in options.values():
         opt = unicodedata.normalize("NFKC", str(opt)).strip()
         if len(opt) > 2 and any(m.group(1) in valid for m in _BARE.finditer(opt)):
-            text = re.sub(re.escape(opt), lambda m: " " * len(m.group(0)), text, flags=re.I)
+            pattern = r"(?<![^\W_])" + _token_pattern(_TOKEN.findall(opt)) + r"(?![^\W_])"
+            text = re.sub(pattern, lambda m: " " * len(m.group(0)), text, flags=re.I)
     return text
 
 
-def _labelled(text: str, pos: int, letter: str, norm_options: dict[str, str]) -> bool:
+def _labelled(text: str, pos: int, letter: str, norm_options: _Options) -> bool:
     """Whether the letter at `pos` is followed by its own option text, as in "C. Hypertension"."""
-    opt = norm_options.get(letter)
-    return bool(opt) and _option_at_start(text[pos + 1 :], {letter: opt}) == letter
+    return letter in norm_options and _option_at_start(text[pos + 1 :], norm_options.only(letter)) == letter
 
 
-def _letters(text: str, options: dict[str, str], valid: set[str], norm_options: dict[str, str]):
+def _letters(text: str, options: dict[str, str], valid: set[str], norm_options: _Options):
     masked = _mask_option_texts(text, options, valid)
-    found = []
+    labelled = {
+        m.start(1): m.group(1)
+        for m in _BARE.finditer(masked)
+        if m.group(1) in valid and _labelled(text, m.start(1), m.group(1), norm_options)
+    }
+    # Three or more options restated one per line ("A. ...\nB. ...") are a list being discussed, not a choice.
+    line_starts = {p for p in labelled if re.fullmatch(r"[ \t>*_#-]*", text[text.rfind("\n", 0, p) + 1 : p])}
+    if len({labelled[p] for p in line_starts}) < 3:
+        line_starts = set()
+    found = [(p, letter) for p, letter in labelled.items() if p not in line_starts]
     for m in _BARE.finditer(masked):
         letter, pos = m.group(1), m.start(1)
-        if letter not in valid:
-            continue
-        if _labelled(text, pos, letter, norm_options):
-            found.append((pos, letter))
+        if letter not in valid or pos in labelled:
             continue
         if _part_of_term(masked, pos):
             continue
@@ -250,18 +347,24 @@ def _letters(text: str, options: dict[str, str], valid: set[str], norm_options: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _verdict(text: str, options: dict[str, str]):
-    head = re.sub(r"^[\s#*_>\"'“]+", "", text).casefold()
-    # The option text must be the whole opening clause: "Yes, ..." or "Maybe." but not "No significant ...".
-    for letter, opt in sorted(options.items(), key=lambda kv: -len(str(kv[1]))):
-        words = re.findall(r"[^\W_]+", unicodedata.normalize("NFKC", str(opt)).casefold())
-        if words and re.match(r"[\W_]+".join(map(re.escape, words)) + r"[\s*_]*(?:[.,;:!?)\n]|$)", head):
-            return ScoreResult(str(letter).strip().upper(), str(letter).strip().upper(), "verdict")
-    return None
+_CONCLUDING = r"(?:in\s+(?:conclusion|summary|short)|overall|therefore|thus|hence|so)[\s,:]+"
 
 
-def _option_texts(text: str, norm_options: dict[str, str]):
-    words = f" {normalize(text)} "
+def _verdict(text: str, norm_options: _Options):
+    """Option texts that open the answer or a concluding sentence as a whole clause: "Yes, ...",
+    "In conclusion, maybe." (but not "No significant difference ...")."""
+    found = []
+    for letter, opt in norm_options.items():
+        body = _token_pattern(opt.split(" "))
+        opening = rf"(?:\A[\s#*_>\"'“]*|(?:^|(?<=[.!?]))[ \t*_]*(?i:{_CONCLUDING})[*_\"'“]*)"
+        pattern = rf"{opening}({body})[\s*_\"'”]*(?:[.,;:!?)\n—]|(?<=\s)[–-]|$)"
+        flags = re.M | (re.I if norm_options.fold else 0)
+        found += [(m.start(1), m.end(1), letter) for m in re.finditer(pattern, text, flags)]
+    return _result(_outermost(found), "verdict")
+
+
+def _option_texts(text: str, norm_options: _Options):
+    words = f" {norm_options.norm(text)} "
     spans = []
     for letter, opt in norm_options.items():
         needle = opt if _has_cjk(opt) else f" {opt} "
@@ -269,20 +372,14 @@ def _option_texts(text: str, norm_options: dict[str, str]):
         while start >= 0:
             spans.append((start, start + len(needle), letter))
             start = words.find(needle, start + 1)
-    # Keep a mention only when no longer option's mention covers it ("pulmonary hypertension" vs "hypertension").
-    kept = [
-        (s, letter)
-        for s, e, letter in spans
-        if not any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)
-    ]
-    return _result(kept, "option_text")
+    return _result(_outermost(spans), "option_text")
 
 
 SIMILARITY_THRESHOLD = 0.8
 
 
-def _similar(text: str, norm_options: dict[str, str]):
-    words = normalize(text)
+def _similar(text: str, norm_options: _Options):
+    words = norm_options.norm(text)
     if not words:
         return None
     ratios = {k: difflib.SequenceMatcher(None, words, v).ratio() for k, v in norm_options.items()}
@@ -303,15 +400,25 @@ def score(reply: str, options: dict[str, str]) -> ScoreResult:
     if not text or not options:
         return NO_ANSWER
     valid = _valid_letters(options)
-    norm_options = _options_in_order(options)
-    return (
-        _explicit(text, options, valid, norm_options)
-        or _letters(text, options, valid, norm_options)
-        or _verdict(text, options)
-        or _option_texts(text, norm_options)
-        or _similar(text, norm_options)
-        or NO_ANSWER
-    )
+    norm_options = _Options(options)
+    explicit = _explicit(text, options, valid, norm_options)
+    if explicit:
+        return explicit
+    # Without a stated answer, the conclusion speaks for the reply: a closing "Yes." or "Naloxone." beats
+    # letters and option texts the reasoning went through on the way. A conclusion that states an answer
+    # outside the options ("The answer is none of the above.") is read alone, so the reasoning's mentions
+    # of options do not stand in for it.
+    conclusion = re.split(r"\n\s*\n", text)[-1]
+    regions = [conclusion] if _LEAD.search(conclusion) else [conclusion, text]
+    for region in dict.fromkeys(regions):
+        found = (
+            _letters(region, options, valid, norm_options)
+            or _verdict(region, norm_options)
+            or _option_texts(region, norm_options)
+        )
+        if found:
+            return found
+    return _similar(text, norm_options) or NO_ANSWER
 
 
 def score_original(reply: str, options: dict[str, str]) -> ScoreResult:
