@@ -52,7 +52,7 @@ def parse_args(argv=None):
         "--questions",
         nargs="*",
         default=[str(REFERENCE_EVAL / n) for n in ("medqa.json", "mmlu_pro_medical.json")]
-        + [str(ROOT / "evaluation" / "data" / "eval_data.json")],
+        + [str(ROOT / "evaluation" / "data" / "eval_sample.json")],
         help="MCQ files (a list, or the eval format {source: [items]}) whose options the replies are built on; "
         "missing files are skipped, and built-in questions are used when none is found",
     )

@@ -11,19 +11,26 @@ and `last` are the earliest and the latest mention. Last match is the honest rea
 changes its mind; first match is reported for comparison with the original evaluation.
 
 1. explicit: a stated answer. "The answer is (C)", "Answer: **C**", "correct option is C", "I'd go
-   with C", "\\boxed{C}", "Option C is correct", "答案是C", "选C", "C项正确", or any of these leads
-   followed by an option's text instead of its letter ("The answer is yes").
-2. letter: a bare option letter set off by punctuation, markdown or CJK ("**C**", "(C)", "C. text"),
-   skipping the article "A", the pronoun "I", and letters that belong to a term (vitamin C, hepatitis B,
-   B cells, E. coli, HLA-B) or to an option's own text ("Vitamin A").
-3. verdict: the answer part opens with an option's whole text ("Yes, ...", "Maybe.").
+   with C", "\\boxed{C}", "Option C is correct", "Heparin is the best choice", "答案是C", "选C",
+   "C项正确", a line holding only the answer ("**C**", "C. Heparin"), or a lead followed by an option's
+   text instead of its letter ("The answer is yes"). Hedged or questioning statements ("Maybe the
+   answer is B?") are thinking aloud and do not count.
+Without a stated answer, rules 2-4 read the conclusion (the last paragraph) before the whole answer part:
+2. letter: a bare option letter set off by punctuation, markdown or CJK ("(C)", "C. text"), skipping
+   the article "A", the pronoun "I", letters that belong to a term (vitamin C, hepatitis B, B cells,
+   E. coli, HLA-B) or to an option's own text ("Vitamin A"), and option lists restated line by line.
+3. verdict: an option's whole text opens the answer or a concluding sentence ("Yes, ...", "Maybe.",
+   "In conclusion, no.").
 4. option_text: an option's text anywhere, ignoring case, punctuation and markdown, on word boundaries,
    preferring the longest option where one option's text contains another's.
 5. similar: the answer part is a near copy of one option's text (a typo, a truncated reply).
 When nothing matches, first, last and rule are None: the reply has no recognisable answer.
 
-`score_original` reimplements the original release's rules, which reported scores used; it exists to
-show how the two differ (bench/bench_scorer_agreement.py) and to reproduce published numbers.
+Case is ignored unless two options differ only in case (genotypes), and the symbols that tell options
+apart (<, =, +, arrows) are kept.
+
+`score_original` reimplements the rules of the original release, with which its published scores were
+computed; it exists to show how the two differ (bench/bench_scorer_agreement.py) and to reproduce them.
 """
 
 from __future__ import annotations
@@ -170,10 +177,13 @@ _LEADS = [
     r"(?:选|選)(?!项|項)(?:择|擇)?",
 ]
 _LEAD = re.compile("|".join(f"(?:{p})" for p in _LEADS), re.I)
+# What may sit between a lead and the letter: punctuation, markdown, LaTeX wrappers, one hedge-free adverb
+# or the word "option".
+_MARKS = r"(?:[\s:：*_\"'“”‘’`(\[（【{}<>=-]|\$|\\boxed\{|\\text\{|\\textbf\{)*"
 _FILLER = re.compile(
-    r"(?:[\s:：*_\"'“”‘’`(\[（【{}<>=-]|\$|\\boxed\{|\\text\{|\\textbf\{)*"
-    r"(?:(?:most\s+)?likely|probably|clearly|therefore|thus|definitely|indeed|option|choice|letter|选项|選項|项|項)?"
-    r"(?:[\s:：*_\"'“”‘’`(\[（【{<>=-]|\$|\\boxed\{|\\text\{|\\textbf\{)*",
+    _MARKS
+    + r"(?:(?:most\s+)?likely|probably|clearly|therefore|thus|definitely|indeed|option|choice|letter|选项|選項|项|項)?"
+    + _MARKS,
     re.I,
 )
 _LETTER_AFTER_LEAD = re.compile(r"([A-Z])(?![A-Za-z0-9_])|(?<=\()([a-z])\)")
@@ -227,7 +237,7 @@ def _tentative(text: str, lead_start: int, answer_end: int) -> bool:
     return re.match(r"[)\]*_\s]*[?？]", text[answer_end : answer_end + 6]) is not None
 
 
-def _explicit(text: str, options: dict[str, str], valid: set[str], norm_options: _Options):
+def _explicit(text: str, valid: set[str], norm_options: _Options):
     found = []
     for lead in _LEAD.finditer(text):
         start = _FILLER.match(text, lead.end()).end()
@@ -401,7 +411,7 @@ def score(reply: str, options: dict[str, str]) -> ScoreResult:
         return NO_ANSWER
     valid = _valid_letters(options)
     norm_options = _Options(options)
-    explicit = _explicit(text, options, valid, norm_options)
+    explicit = _explicit(text, valid, norm_options)
     if explicit:
         return explicit
     # Without a stated answer, the conclusion speaks for the reply: a closing "Yes." or "Naloxone." beats
@@ -422,7 +432,7 @@ def score(reply: str, options: dict[str, str]) -> ScoreResult:
 
 
 def score_original(reply: str, options: dict[str, str]) -> ScoreResult:
-    """The original release's rules, kept to compare against and to reproduce published numbers.
+    """The original release's rules, kept to compare against and to reproduce its published numbers.
 
     1) "answer is" directly followed by a capital A-N; 2) any capital among the first len(options)
     letters with a non-word character, CJK or a line edge on both sides (a capital A followed by a
