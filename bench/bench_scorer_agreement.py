@@ -16,7 +16,7 @@ release's rules (evaluation.scorer.score_original):
 
     python bench/bench_scorer_agreement.py
     python bench/bench_scorer_agreement.py --outputs my_model_outputs.json --n_per_format 1000
-    python bench/bench_scorer_agreement.py --questions evaluation/data/eval_data.json --save_synthetic /tmp/synth.json
+    python bench/bench_scorer_agreement.py --questions evaluation/data/eval_sample.json --save_synthetic synth.json
 
 Target: at least 99.5% last-match agreement on every set.
 """
