@@ -1,0 +1,325 @@
+"""SFT stage on the tiny policy and the demo data, on a CPU."""
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+import SFT_stage1
+from huatuo.models import format_thinking_response
+from huatuo.sft import IGNORE_INDEX, latest_checkpoint, list_checkpoints, rotate_checkpoints
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo_data.json"
+
+
+def _run_args(tiny_models, data, tmp_path, *extra):
+    return SFT_stage1.parse_args(
+        [
+            "--model_path",
+            str(tiny_models["policy"]),
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "ckpts"),
+            "--log_dir",
+            str(tmp_path / "logs"),
+            "--max_seq_len",
+            "256",
+            "--train_bsz_per_gpu",
+            "4",
+            "--gradient_accumulation_steps",
+            "1",
+            "--n_epochs",
+            "2",
+            "--learning_rate",
+            "3e-3",
+            "--report_to",
+            "none",
+            *extra,
+        ]
+    )
+
+
+def _metrics(log_root):
+    path = Path(log_root) / "sft_stage1" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _collate(tokenized, tokenizer, padding_free=False):
+    examples = [
+        {"input_ids": i, "labels": la}
+        for i, la in zip(tokenized["input_ids"], tokenized["labels"], strict=True)
+    ]
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=padding_free)(
+        examples
+    )
+
+
+def _state_dict(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sft_data") / "sft.json"
+    path.write_text(json.dumps(json.loads(DEMO.read_text())[:8]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    return AutoTokenizer.from_pretrained(tiny_models["policy"])
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, small_data, tmp_path_factory):
+    """One uninterrupted run: 8 items, batch 4, 2 epochs = 4 steps, a checkpoint after every step."""
+    tmp = tmp_path_factory.mktemp("sft_run")
+    args = _run_args(
+        tiny_models, small_data, tmp, "--save_steps", "1", "--max_ckpts", "10", "--dump_examples", "2"
+    )
+    SFT_stage1.main(args)
+    return tmp
+
+
+def test_help_lists_the_original_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        SFT_stage1.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--experiment_name",
+        "--max_ckpts",
+        "--warmup_rates",
+        "--train_bsz_per_gpu",
+        "--packing",
+        "--resume",
+    ):
+        assert flag in text
+
+
+def test_labels_mask_exactly_the_prompt_and_the_padding(tokenizer):
+    batch = {
+        "Question": ["Why does aspirin help?", "Q2?"],
+        "Complex_CoT": ["It blocks COX.", "Hmm."],
+        "Response": ["Less platelet aggregation.", "Yes, a longer answer here."],
+    }
+    out = SFT_stage1.tokenize_batch(batch, tokenizer, max_seq_len=4096)
+    for i in range(2):
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": batch["Question"][i]}], tokenize=False, add_generation_prompt=True
+        )
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids, labels = out["input_ids"][i], out["labels"][i]
+        assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert labels[n_prompt:] == ids[n_prompt:]
+        # The assistant's text and its end-of-turn token are supervised, nothing else.
+        expected = (
+            format_thinking_response(batch["Complex_CoT"][i], batch["Response"][i]) + tokenizer.eos_token
+        )
+        assert tokenizer.decode(labels[n_prompt:]) == expected
+        assert ids[-1] == tokenizer.eos_token_id
+
+    padded = _collate(out, tokenizer)
+    short = 0 if len(out["input_ids"][0]) < len(out["input_ids"][1]) else 1
+    n = len(out["input_ids"][short])
+    assert (padded["labels"][short, n:] == IGNORE_INDEX).all()
+    assert (padded["attention_mask"][short, n:] == 0).all()
+    assert padded["labels"][short, :n].tolist() == out["labels"][short]
+
+
+def test_truncation_keeps_the_last_tokens(tokenizer):
+    batch = {
+        "Question": ["A long question " * 20],
+        "Complex_CoT": ["reasoning " * 20],
+        "Response": ["the end"],
+    }
+    full = SFT_stage1.tokenize_batch(batch, tokenizer, max_seq_len=10_000)
+    cut = SFT_stage1.tokenize_batch(batch, tokenizer, max_seq_len=32)
+    assert len(full["input_ids"][0]) > 32
+    assert cut["input_ids"][0] == full["input_ids"][0][-32:]
+    assert cut["labels"][0] == full["labels"][0][-32:]
+    assert tokenizer.decode(cut["input_ids"][0]).endswith("the end" + tokenizer.eos_token)
+
+
+def test_file_without_sft_keys_fails_before_the_model_loads(tmp_path, tiny_models):
+    data = tmp_path / "mcq.json"
+    data.write_text(json.dumps([{"question": "q", "answer": "a"}, {"question": "q2", "answer": "b"}]))
+    args = _run_args(tiny_models, data, tmp_path)
+    args.model_path = str(tmp_path / "no_such_model")  # would raise OSError if it were loaded
+    with pytest.raises(ValueError, match="Question, Complex_CoT, Response"):
+        SFT_stage1.main(args)
+
+
+def test_bad_items_are_counted_and_skipped_with_one_warning(tmp_path, caplog):
+    from huatuo.models import load_records
+
+    good = {"Question": "q", "Complex_CoT": "c", "Response": "r"}
+    items = [
+        good,
+        {**good, "Response": "  "},
+        {"Question": "q", "Complex_CoT": "c"},
+        {**good, "Complex_CoT": None},
+        good,
+    ]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(json.dumps(i) for i in items))
+    records = load_records(str(data), columns=list(SFT_stage1.SFT_KEYS))
+    with caplog.at_level(logging.WARNING, logger="sft_stage1"):
+        kept = SFT_stage1.select_valid(records, str(data))
+    assert len(kept) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "skipped 3 of 5" in warnings[0] and "item 1 field 'Response'" in warnings[0]
+
+
+def test_non_text_field_fails_clearly(tmp_path, tiny_models):
+    data = tmp_path / "numbers.json"
+    data.write_text(
+        json.dumps(
+            [
+                {"Question": "q", "Complex_CoT": "c", "Response": "r"},
+                {"Question": "q", "Complex_CoT": "c", "Response": 42},
+            ]
+        )
+    )
+    with pytest.raises(ValueError, match="must hold text"):
+        SFT_stage1.main(_run_args(tiny_models, data, tmp_path))
+
+
+def test_training_lowers_the_loss_and_writes_the_original_layout(trained, tiny_models, small_data, tokenizer):
+    run = trained / "ckpts" / "sft_stage1"
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == ["checkpoint-0-1", "checkpoint-0-2", "checkpoint-1-3", "checkpoint-1-4"]
+    final = latest_checkpoint(run) / "tfmr"
+    reloaded_tok = AutoTokenizer.from_pretrained(final)
+    assert reloaded_tok.chat_template and reloaded_tok.eos_token == tokenizer.eos_token
+
+    records = SFT_stage1.load_records(str(small_data), columns=list(SFT_stage1.SFT_KEYS))
+    examples = SFT_stage1.tokenize_batch(records.to_dict(), tokenizer, max_seq_len=256)
+    batch = _collate(examples, tokenizer)
+    with torch.no_grad():
+        before = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])(**batch).loss.item()
+        after = AutoModelForCausalLM.from_pretrained(final)(**batch).loss.item()
+    assert after < before - 0.05
+
+    rows = _metrics(trained / "logs")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(
+        0 <= r["token_accuracy"] <= 1 and r["supervised_tokens_per_second"] > 0 and r["lr"] is not None
+        for r in rows
+    )
+    saved = json.loads((trained / "logs" / "sft_stage1" / "args.json").read_text())
+    assert saved["max_seq_len"] == 256 and (run / "args.json").is_file()
+    dumped = json.loads((trained / "logs" / "sft_stage1" / "examples.json").read_text())
+    assert len(dumped) == 2 and dumped[0]["supervised_text"].endswith("<|eot_id|>")
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(trained, tiny_models, small_data, tmp_path):
+    shutil.copytree(trained / "ckpts", tmp_path / "ckpts")
+    shutil.copytree(trained / "logs", tmp_path / "logs")
+    run = tmp_path / "ckpts" / "sft_stage1"
+    for name in ("checkpoint-0-2", "checkpoint-1-3", "checkpoint-1-4"):
+        shutil.rmtree(run / name)
+    # A checkpoint cut short by a kill has no trainer_state.json and must be ignored.
+    (run / "checkpoint-0-2" / "tfmr").mkdir(parents=True)
+    assert latest_checkpoint(run).name == "checkpoint-0-1"
+
+    SFT_stage1.main(
+        _run_args(tiny_models, small_data, tmp_path, "--save_steps", "1", "--max_ckpts", "10", "--resume")
+    )
+
+    expected = _state_dict(trained / "ckpts" / "sft_stage1" / "checkpoint-1-4" / "tfmr")
+    resumed = _state_dict(run / "checkpoint-1-4" / "tfmr")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    rows, original = _metrics(tmp_path / "logs"), _metrics(trained / "logs")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in original], rel=1e-5)
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for name, complete in [
+        ("checkpoint-0-5", True),
+        ("checkpoint-0-10", True),
+        ("checkpoint-1-12", False),
+        ("checkpoint-1-20", True),
+        ("checkpoint-2-30", True),
+    ]:
+        (tmp_path / name).mkdir()
+        if complete:
+            (tmp_path / name / "trainer_state.json").write_text("{}")
+    rotate_checkpoints(tmp_path, max_ckpts=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1-20", "checkpoint-2-30"]
+
+
+def test_packed_rows_give_the_padded_loss_without_cross_example_attention(tiny_models, tokenizer):
+    import huatuo.sft  # noqa: F401  (registers sdpa_varlen)
+
+    batch = {
+        "Question": ["First question?", "Second, different question?"],
+        "Complex_CoT": ["c1 " * 30, "c2"],
+        "Response": ["r1", "r2 " * 10],
+    }
+    out = SFT_stage1.tokenize_batch(batch, tokenizer, max_seq_len=512)
+    padded = _collate(out, tokenizer)
+    packed = _collate(out, tokenizer, padding_free=True)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], attn_implementation="sdpa_varlen")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**packed).loss, model(**padded).loss, rtol=1e-5, atol=1e-5)
+        # The second example's logits in the packed row equal those of the example run alone.
+        n0 = len(out["input_ids"][0])
+        alone = model(input_ids=torch.tensor([out["input_ids"][1]])).logits[0]
+        in_row = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0, n0:]
+        torch.testing.assert_close(in_row, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_two_cpu_processes_through_accelerate_match_one_process(trained, tiny_models, small_data, tmp_path):
+    """Batch 2 on each of 2 gloo processes trains like batch 4 on one."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "cpu.yaml"),
+        str(ROOT / "SFT_stage1.py"),
+        "--model_path",
+        str(tiny_models["policy"]),
+        "--data_path",
+        str(small_data),
+        "--output_dir",
+        str(tmp_path / "ckpts"),
+        "--log_dir",
+        str(tmp_path / "logs"),
+        "--max_seq_len",
+        "256",
+        "--train_bsz_per_gpu",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--n_epochs",
+        "2",
+        "--learning_rate",
+        "3e-3",
+        "--report_to",
+        "none",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = latest_checkpoint(tmp_path / "ckpts" / "sft_stage1")
+    assert final.name == "checkpoint-1-4"
+    assert {p.name for p in final.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    rows, single = _metrics(tmp_path / "logs"), _metrics(trained / "logs")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single], rel=1e-4)
