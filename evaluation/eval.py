@@ -312,7 +312,12 @@ async def budget_forced(llm: LLMClient, prompt: str, args: argparse.Namespace, s
     return thinking + heading + answer.text, used + answer.completion_tokens, answer.finish_reason
 
 
-def make_worker(llm: LLMClient, prompts: dict, args: argparse.Namespace):
+def make_worker(
+    llm: LLMClient, prompts: dict, args: argparse.Namespace, data: dict, fresh: dict, scores: dict
+):
+    """The per-question coroutine. Each reply is kept in `fresh` and scored into `scores` as it
+    arrives, while other requests are still in flight, so that little is left to do at the end."""
+
     async def ask(job: dict) -> dict:
         prompt = prompts[job["source"], job["index"]]
         sampling = {"temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_new_tokens}
@@ -325,7 +330,9 @@ def make_worker(llm: LLMClient, prompts: dict, args: argparse.Namespace):
                 llm.chat(prompt, **sampling) if args.api == "chat" else llm.complete(prompt, **sampling)
             )
             text, tokens, finish = reply.text, reply.completion_tokens, reply.finish_reason
-        return {**job, "output": text, "completion_tokens": tokens, "finish_reason": finish}
+        fresh[job["id"]] = {**job, "output": text, "completion_tokens": tokens, "finish_reason": finish}
+        scores[job["id"]] = score(text, data[job["source"]][job["index"]]["options"])
+        return fresh[job["id"]]
 
     return ask
 
@@ -344,10 +351,13 @@ def majority(letters: list[str | None]) -> str | None:
     return next(letter for letter in letters if letter is not None and counts[letter] == best)
 
 
-def score_item(item: dict, replies: list[dict]) -> dict:
-    """Letters and correctness of one question from its replies (several with --n_samples)."""
-    texts = [r["output"] for r in replies if r.get("status") != GIVEN_UP]
-    results = [score(text, item["options"]) for text in texts]
+def score_item(item: dict, replies: list[dict], known: dict | None = None) -> dict:
+    """Letters and correctness of one question from its replies (several with --n_samples);
+    `known` holds replies already scored, by id."""
+    known = known or {}
+    valid = [r for r in replies if r.get("status") != GIVEN_UP]
+    texts = [r["output"] for r in valid]
+    results = [known.get(r.get("id")) or score(r["output"], item["options"]) for r in valid]
     last = majority([r.last for r in results])
     first = majority([r.first for r in results])
     rules = Counter(r.rule for r in results if r.rule is not None)
@@ -541,7 +551,10 @@ def main(args: argparse.Namespace) -> dict:
         "thinking_end": args.thinking_end if args.thinking_budget else None,
     }
     check_settings(store.directory, generation)
-    done = {i for i in store.done_ids() if store.load(i).get("status") != GIVEN_UP}
+    saved = {i: store.load(i) for i in store.done_ids() & {job["id"] for job in jobs}}
+    done = {i for i, record in saved.items() if record.get("status") != GIVEN_UP}
+    fresh: dict[str, dict] = {}
+    scores: dict = {}
     missing = sum(job["id"] not in done for job in jobs)
     served = args.model_name
     if missing:
@@ -561,7 +574,7 @@ def main(args: argparse.Namespace) -> dict:
             ) as llm:
                 await run_all(
                     jobs,
-                    make_worker(llm, prompts, args),
+                    make_worker(llm, prompts, args, data, fresh, scores),
                     store,
                     key=lambda job: job["id"],
                     desc=name,
@@ -580,7 +593,11 @@ def main(args: argparse.Namespace) -> dict:
     # ---------------------------------------------------------------------------------------------
     # Score and save
     # ---------------------------------------------------------------------------------------------
-    replies = {job["id"]: store.load(job["id"]) for job in jobs}
+    # Replies of this run are in memory and earlier ones were read above; only failures are reread.
+    replies = {
+        j["id"]: fresh.get(j["id"]) or (saved[j["id"]] if j["id"] in done else store.load(j["id"]))
+        for j in jobs
+    }
     samples = defaultdict(list)
     for job in jobs:
         samples[job["run"], job["source"], job["index"]].append(replies[job["id"]])
@@ -592,7 +609,7 @@ def main(args: argparse.Namespace) -> dict:
             scored = []
             for index, item in enumerate(items):
                 reps = samples[run, source, index]
-                s = score_item(item, reps)
+                s = score_item(item, reps, scores)
                 scored.append(s)
                 record = {**item, "source": source, "run": run, "output": reps[0].get("output", "")}
                 if args.n_samples > 1:
