@@ -21,6 +21,7 @@ import contextlib
 import io
 import json
 import multiprocessing
+import os
 import sys
 import tempfile
 import time
@@ -120,6 +121,8 @@ def main() -> None:
     print(
         f"questions: {count}, concurrency: {args.concurrency}, server latency: {args.latency:g} s, failed: {failed}"
     )
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {os.cpu_count()} cpus, load average {load} (other work on the machine slows both sides)")
     print(f"wall time: {elapsed:.2f} s (ideal {count / ideal:.2f} s)")
     print(
         f"throughput: {rate:.1f} questions/s, ideal {ideal:.1f}/s, ratio {rate / ideal:.3f} (target >= {TARGET})"
