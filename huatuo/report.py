@@ -1,0 +1,100 @@
+"""Small readers and writers for run reports: metrics.jsonl files, curves as PNG, markdown tables.
+
+rows = read_jsonl("train_logs/sft_stage1/metrics.jsonl")
+plot_curve(rows, "step", "loss", "report/sft_loss.png", title="SFT loss")
+print(markdown_table(["stage", "wall time"], [["sft", "12.3 s"]]))
+"""
+
+import json
+import math
+from pathlib import Path
+
+
+def read_jsonl(path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, one per non-blank line.
+
+    A writer killed mid-line leaves a truncated last line; that one line is dropped, while a bad line
+    anywhere else is an error naming the file and line number.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def series(rows: list[dict], x_key: str, y_key: str) -> tuple[list[float], list[float]]:
+    """The (x, y) points of the rows holding a finite number under both keys, in file order."""
+    xs, ys = [], []
+    for row in rows:
+        x, y = row.get(x_key), row.get(y_key)
+        if _is_number(x) and _is_number(y):
+            xs.append(float(x))
+            ys.append(float(y))
+    return xs, ys
+
+
+def first_last(rows: list[dict], key: str) -> tuple[float, float] | None:
+    """The first and last finite values of `key` in the rows, or None when no row has one."""
+    values = [float(row[key]) for row in rows if _is_number(row.get(key))]
+    return (values[0], values[-1]) if values else None
+
+
+def plot_curve(rows: list[dict], x_key: str, y_keys, path, title: str, ylabel: str | None = None) -> int:
+    """Draw each of y_keys (a key or a list of keys) against x_key as one PNG at `path`.
+
+    Returns the number of points drawn. Raises ValueError when a key has no point, so a renamed metric
+    shows up as an error rather than as an empty plot.
+    """
+    y_keys = [y_keys] if isinstance(y_keys, str) else list(y_keys)
+    curves = {}
+    for y_key in y_keys:
+        xs, ys = series(rows, x_key, y_key)
+        if not xs:
+            raise ValueError(f"no row has numbers under both {x_key!r} and {y_key!r}")
+        curves[y_key] = (xs, ys)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for y_key, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=y_key)
+    ax.set_title(title)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(ylabel or y_keys[0])
+    if len(curves) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return sum(len(xs) for xs, _ in curves.values())
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    """A GitHub-flavoured markdown table; cells are converted with str() and pipes escaped."""
+
+    def cell(value) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
