@@ -23,7 +23,9 @@ Outputs in --output_dir, named as the original names them (NAME = <model name><e
     NAME_summary.json    the settings (eval file sha256 included) and per source: accuracy by last match
                          (primary), by first match, max(first, last), no-answer share, counts, failures
     NAME_replies/        one file per reply, saved as it arrives: a rerun asks only for what is missing
-A markdown table of the results is printed at the end.
+A markdown table of the results is printed at the end. Every question stays in the denominator: an
+empty reply (which the original dropped) or a request that failed after its retries counts as wrong,
+and is reported in its own column.
 """
 
 from __future__ import annotations
@@ -371,7 +373,7 @@ def score_item(item: dict, replies: list[dict], known: dict | None = None) -> di
         "failures": len(replies) - len(texts),
         "empty": sum(not t.strip() for t in texts),
         "reply_chars": [len(t) for t in texts],
-        "completion_tokens": [r.get("completion_tokens", 0) for r in replies if r.get("status") != GIVEN_UP],
+        "completion_tokens": [r.get("completion_tokens", 0) for r in valid],
     }
 
 
@@ -400,7 +402,8 @@ def source_metrics(scored_runs: list[list[dict]]) -> dict:
         "accuracy_first_std": spread([r["first"] for r in per_run]),
         "accuracy_max_first_last": mean(r["max"] for r in per_run),
         "accuracy_per_run": [r["last"] for r in per_run],
-        "no_answer_rate": mean(s["pred"] is None for s in everything),
+        # Among questions that got a reply: failures are counted on their own.
+        "no_answer_rate": mean(s["pred"] is None for s in everything if not s["failed"]),
         "items": len(scored_runs[0]),
         "runs": len(scored_runs),
         "correct": sum(s["correct"] for s in everything),

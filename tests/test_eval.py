@@ -66,7 +66,7 @@ EXPECTED = {  # source: (last-match correct, first-match correct, no answer, fai
     "MedQA_USLME_test": (2, 1, 1, 0),
     "PubMedQA_test": (2, 2, 0, 0),
     "MMLU-Pro_Medical_test": (3, 3, 0, 0),
-    "GPQA_Medical_test": (2, 2, 1, 1),
+    "GPQA_Medical_test": (2, 2, 0, 1),
 }
 
 
@@ -94,7 +94,7 @@ def test_scripted_replies_give_exact_accuracies(tmp_path):
         assert (m["correct"], m["correct_first"], m["failed_items"]) == (last, first, failed), source
         assert m["accuracy"] == pytest.approx(last / 3) and m["accuracy_first"] == pytest.approx(first / 3)
         assert m["accuracy_max_first_last"] == pytest.approx(max(last, first) / 3)
-        assert m["no_answer_rate"] == pytest.approx(no_answer / 3)
+        assert m["no_answer_rate"] == pytest.approx(no_answer / (3 - failed))
         assert result[source] == [pytest.approx(max(last, first) / 3), first, 3, last]
     for record in outputs:
         opening = next(o for o in SCRIPT if o in record["question"])
@@ -105,11 +105,13 @@ def test_scripted_replies_give_exact_accuracies(tmp_path):
     assert settings["served_model"] == "stub" and settings["api"] == "chat"
     assert "| MedQA_USLME_test | 3 | 1 | 66.7 | 33.3 | 66.7 | 33.3% | 0 |" in summary["table"]
 
-    # A rerun asks again only for the failed question.
-    with StubServer(lambda body: "The answer is A.") as server:
+    # A rerun asks again only for the failed question; its empty reply stays in the denominator.
+    with StubServer(lambda body: "") as server:
         summary = run_eval(server, tmp_path, "--max_retries", "0", "--seed", "7")
         assert len(server.bodies()) == 1
-    assert summary["sources"]["GPQA_Medical_test"]["correct"] == 3
+    m = summary["sources"]["GPQA_Medical_test"]
+    assert (m["correct"], m["failed_items"], m["empty_replies"]) == (2, 0, 1)
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["no_answer_rate"] == pytest.approx(1 / 3)
 
 
 def test_changed_settings_do_not_reuse_replies(tmp_path):
