@@ -57,7 +57,7 @@ from transformers import (
     set_seed,
 )
 
-from huatuo.items import ANSWER, QUESTION, InputError
+from huatuo.items import ANSWER, QUESTION, InputError, read_json
 from huatuo.models import attn_implementation, ensure_chat_template, load_records
 from huatuo.ppo import (
     PPOConfig,
@@ -147,14 +147,17 @@ def parse_args(argv=None):
 def load_problems(script_args, seed: int) -> tuple[list[dict], list[dict], int]:
     """(train, eval, dropped): problems with both open-ended keys non-empty, shuffled, eval = min(10%, 200)."""
     path = script_args.dataset_name
-    dataset = load_records(
-        path, script_args.dataset_config, script_args.dataset_split, columns=[QUESTION, ANSWER]
-    )
-    for key in (QUESTION, ANSWER):
-        if key not in dataset.column_names:
-            raise InputError(f"{path}: no {key!r} field; stage 2 needs {QUESTION!r} and {ANSWER!r}")
+    if Path(path).suffix == ".json" and Path(path).is_file():
+        # plain JSON is read as it is, so a wrongly typed field is reported by item before Arrow fails on it
+        rows = read_json(path)
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise InputError(f"{path}: expected a JSON list of objects")
+    else:
+        split = script_args.dataset_split
+        rows = load_records(path, script_args.dataset_config, split, columns=[QUESTION, ANSWER])
     problems, dropped = [], 0
-    for index, row in enumerate(dataset):
+    for index, row in enumerate(rows):
+        row = {key: row.get(key) for key in (QUESTION, ANSWER)}
         for key in (QUESTION, ANSWER):
             if row[key] is not None and not isinstance(row[key], str):
                 raise InputError(
