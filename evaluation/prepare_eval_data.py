@@ -65,7 +65,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     g = parser.add_argument_group("output")
     g.add_argument("--output", default="evaluation/data/eval_data.json", help="where to write the eval file")
-    g.add_argument("--sources", nargs="+", default=SOURCES, choices=SOURCES, help="which sources to build")
+    g.add_argument(
+        "--sources",
+        nargs="+",
+        default=SOURCES,
+        choices=SOURCES,
+        metavar="SOURCE",
+        help="which sources to build",
+    )
 
     g = parser.add_argument_group("dataset locations (hub id, local file or datasets folder)")
     g.add_argument(
