@@ -1,4 +1,4 @@
-"""Evaluate a model on the medical multiple-choice benchmarks through an OpenAI-compatible server.
+r"""Evaluate a model on the medical multiple-choice benchmarks through an OpenAI-compatible server.
 
 Serve the model (SGLang on a GPU; `--backend vllm` or `--backend transformers` use the same script),
 evaluate it, then stop the server:

@@ -1,4 +1,4 @@
-"""Build the evaluation file (evaluation/data/eval_data.json) from the public benchmark datasets.
+r"""Build the evaluation file (evaluation/data/eval_data.json) from the public benchmark datasets.
 
     python evaluation/prepare_eval_data.py --output evaluation/data/eval_data.json
     python evaluation/prepare_eval_data.py --sources MedQA_USLME_test PubMedQA_test --pubmedqa_split test \
