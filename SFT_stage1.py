@@ -45,6 +45,7 @@ from huatuo.sft import (
     SaveEveryStepsCallback,
     SFTStage1Trainer,
     latest_checkpoint,
+    list_checkpoints,
     truncate_metrics,
 )
 from huatuo.store import save_args, write_json_atomic
@@ -53,10 +54,12 @@ SFT_KEYS = ("Question", "Complex_CoT", "Response")
 logger = logging.getLogger("sft_stage1")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     data = parser.add_argument_group("model and data")
     data.add_argument(
         "--model_path", required=True, help="Base model: a local folder or a Hugging Face model id."
@@ -132,8 +135,9 @@ def parse_args(argv=None):
     opt.add_argument(
         "--packing",
         action="store_true",
-        help="Padding-free batches: each micro-batch is one row, examples separated by position ids, "
-        "no attention across examples (flash-attention varlen on GPU, a block mask with sdpa).",
+        help="Padding-free batches: each micro-batch is one row, examples separated by position ids, with no "
+        "attention across examples (flash-attention's varlen kernels where installed, else sdpa run per example). "
+        "Same batches and loss as without it, fewer wasted tokens.",
     )
     opt.add_argument("--seed", type=int, default=42, help="Seed for data order and initialisation.")
     args = parser.parse_args(argv)
@@ -150,6 +154,19 @@ def parse_args(argv=None):
     if not 0 <= args.warmup_rates < 1:
         parser.error("--warmup_rates is a fraction of the training steps, in [0, 1)")
     return args
+
+
+def ensure_pad_token(tokenizer):
+    """Give a pad-less tokenizer (Llama-3's) <|end_of_text|>, keeping padding apart from the end-of-turn eos.
+
+    Padding never reaches the loss, but the checkpoint's tokenizer is what the PPO stage loads, and there
+    the pad token must differ from eos. Other tokenizers fall back to eos.
+    """
+    if tokenizer.pad_token is None:
+        spare = "<|end_of_text|>"
+        usable = spare in tokenizer.get_vocab() and spare != tokenizer.eos_token
+        tokenizer.pad_token = spare if usable else tokenizer.eos_token
+    return tokenizer
 
 
 def select_valid(dataset, source: str):
@@ -247,6 +264,11 @@ def main(args):
             f"{args.data_path}: {', '.join(SFT_KEYS)} must hold text in every item ({err})"
         ) from None
     records = select_valid(records, args.data_path)
+    if not args.resume and list_checkpoints(run_dir, complete_only=False):
+        raise ValueError(
+            f"{run_dir} already holds checkpoints: pass --resume to continue that run, or choose "
+            "another --experiment_name or --output_dir (nothing is overwritten)"
+        )
 
     config = SFTConfig(  # created before the model so that ZeRO-3 can partition it while loading
         output_dir=str(run_dir),
@@ -274,7 +296,7 @@ def main(args):
         report_to=[] if args.report_to == "none" else ["wandb"],
     )
 
-    tokenizer = ensure_chat_template(AutoTokenizer.from_pretrained(args.model_path))
+    tokenizer = ensure_pad_token(ensure_chat_template(AutoTokenizer.from_pretrained(args.model_path)))
     with config.main_process_first(desc="tokenizing"):
         dataset = records.map(
             tokenize_batch,

@@ -141,11 +141,11 @@ class SFTStage1Trainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.max_ckpts = max_ckpts
         self._last_saved_step = None
-        self._token_counts = torch.zeros(
-            2, dtype=torch.long
-        )  # supervised, total (this process, since last log)
+        # Supervised and total tokens of this process since the last log, and supervised tokens of this
+        # session; kept on the device so that counting adds no host sync to a step.
+        self._token_counts = torch.zeros(2, dtype=torch.long, device=self.args.device)
+        self._supervised_total = torch.zeros((), dtype=torch.long, device=self.args.device)
         self._last_log_time = None
-        self._supervised_total = 0
 
     # ---- throughput ----
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -153,21 +153,20 @@ class SFTStage1Trainer(SFTTrainer):
             if self._last_log_time is None:
                 self._last_log_time = time.perf_counter()
             # Position 0 of a row predicts nothing, so only later labels count as supervised tokens.
-            supervised = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum().item()
-            total = (
-                inputs["attention_mask"].sum().item()
-                if "attention_mask" in inputs
-                else inputs["input_ids"].numel()
+            supervised = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+            mask = inputs.get("attention_mask")
+            total = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+            self._token_counts += torch.stack([supervised, total.to(supervised.device)]).to(
+                self._token_counts.device
             )
-            self._token_counts += torch.tensor([supervised, total])
-            self._supervised_total += supervised
+            self._supervised_total += supervised.to(self._supervised_total.device)
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
 
     def log(self, logs, start_time=None):
         if "loss" in logs and self._last_log_time is not None:
-            counts = self.accelerator.reduce(self._token_counts.to(self.args.device), reduction="sum").cpu()
+            counts = self.accelerator.reduce(self._token_counts.clone(), reduction="sum").cpu()
             now = time.perf_counter()
             elapsed = max(now - self._last_log_time, 1e-9)
             logs["supervised_tokens_per_second"] = round(counts[0].item() / elapsed, 1)
@@ -178,8 +177,7 @@ class SFTStage1Trainer(SFTTrainer):
 
     def supervised_tokens_seen(self) -> int:
         """Supervised tokens trained on by all processes in this session (a collective call)."""
-        local = torch.tensor(self._supervised_total, device=self.args.device)
-        return int(self.accelerator.reduce(local, reduction="sum").item())
+        return int(self.accelerator.reduce(self._supervised_total.clone(), reduction="sum").item())
 
     # ---- checkpoints ----
     def _save_checkpoint(self, model, trial):

@@ -137,6 +137,13 @@ def test_labels_mask_exactly_the_prompt_and_the_padding(tokenizer):
     assert padded["labels"][short, :n].tolist() == out["labels"][short]
 
 
+def test_a_pad_less_tokenizer_gets_a_pad_apart_from_eos(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    tokenizer.pad_token = None
+    SFT_stage1.ensure_pad_token(tokenizer)
+    assert tokenizer.pad_token == "<|end_of_text|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
 def test_truncation_keeps_the_last_tokens(tokenizer):
     batch = {
         "Question": ["A long question " * 20],
@@ -245,6 +252,20 @@ def test_resume_ends_where_an_uninterrupted_run_ends(trained, tiny_models, small
     rows, original = _metrics(tmp_path / "logs"), _metrics(trained / "logs")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in original], rel=1e-5)
+
+
+def test_biases_and_norm_weights_get_no_weight_decay(tiny_models):
+    from huatuo.sft import SFTStage1Trainer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    decayed = set(SFTStage1Trainer.get_decay_parameter_names(None, model))
+    for name, _ in model.named_parameters():
+        assert (name in decayed) == ("norm" not in name and "bias" not in name), name
+
+
+def test_a_fresh_run_refuses_to_overwrite_checkpoints(trained, tiny_models, small_data):
+    with pytest.raises(ValueError, match="--resume"):
+        SFT_stage1.main(_run_args(tiny_models, small_data, trained))
 
 
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
