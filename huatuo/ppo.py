@@ -480,24 +480,23 @@ class PPOTrainer:
             eps=config.adam_epsilon,
             weight_decay=config.weight_decay,
         )
-        scheduler = get_scheduler(
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # The schedule is built on the prepared optimizer (under ZeRO-Offload accelerate swaps in DeepSpeed's CPU
+        # Adam) and stepped by hand once per optimizer step: accelerate's scheduler wrapper would step it once per
+        # process, and DeepSpeed only steps schedulers of its own kinds.
+        self.scheduler = get_scheduler(
             config.lr_scheduler_type,
-            optimizer,
+            self.optimizer,
             num_warmup_steps=config.get_warmup_steps(self.plan.optimizer_steps),
             num_training_steps=self.plan.optimizer_steps,
             scheduler_specific_kwargs=config.lr_scheduler_kwargs or None,
         )
+        acc.register_for_checkpointing(self.scheduler)
         if acc.distributed_type == "DEEPSPEED":
-            # DeepSpeed steps its scheduler with its optimizer; accelerate's own wrapper would step it once per
-            # process, so outside DeepSpeed the plain scheduler is stepped by hand.
-            self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
             from trl.models.utils import prepare_deepspeed
 
             self.ref_policy = prepare_deepspeed(ref_policy, acc)
         else:
-            self.model, self.optimizer = acc.prepare(model, optimizer)
-            self.scheduler = scheduler
-            acc.register_for_checkpointing(scheduler)
             self.ref_policy = ref_policy.to(acc.device).eval()
 
         self.vllm = None
@@ -535,6 +534,12 @@ class PPOTrainer:
             elif current != value:
                 raise ValueError(
                     f"the DeepSpeed config sets {key}={current} but {flags[key]} is {value}: make them agree"
+                )
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                raise ValueError(
+                    f"the DeepSpeed config defines a {key}; remove it: AdamW and the schedule come from the flags "
+                    "(--learning_rate, --lr_scheduler_type, --warmup_ratio, --weight_decay)"
                 )
         ds.pop("train_batch_size", None)
         if ds.get("bf16", {}).get("enabled") == "auto":
