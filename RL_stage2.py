@@ -265,6 +265,8 @@ def main(args):
             return Dataset.from_list([{"prompt": r["prompt"], "reference": r["reference"]} for r in rows])
 
         trl_args = argparse.Namespace(**{**vars(config), **vars(model_args), **vars(script_args)})
+        # TRL's reward function reads the "reference" column, which Trainer's default would strip
+        trl_args.remove_unused_columns = False
         train_with_trl(script_args.algorithm, trl_args, to_trl(train_set), to_trl(eval_set), reward_fn)
         state.print(f"final model: {output_dir}")
         return

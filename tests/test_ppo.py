@@ -457,3 +457,22 @@ def test_seed_command_end_to_end_on_tiny_models(tiny_models, tmp_path):
         assert generated.shape[1] == prompt["input_ids"].shape[1] + 3
     value = AutoModelForSequenceClassification.from_pretrained(out / "checkpoint-4" / "value")
     assert value.config.num_labels == 1
+
+
+def test_grpo_runs_through_the_stage_script(tiny_models, tmp_path):
+    items = [
+        {QUESTION: f"Which vitamin deficiency causes sign {i}?", ANSWER: f"vitamin {i}"} for i in range(10)
+    ]
+    data = write_problems(tmp_path / "problems.json", items)
+    out = tmp_path / "grpo"
+    argv = [
+        "--algorithm", "grpo", "--model_name_or_path", str(tiny_models["policy"]), "--reward_model_path", "rule",
+        "--dataset_name", str(data), "--output_dir", str(out), "--response_length", "6", "--total_episodes", "8",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1", "--num_generations", "4",
+        "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+    ]  # fmt: skip
+    RL_stage2.main(RL_stage2.parse_args(argv))
+    logged = read_metrics(out)
+    # the reward column reached TRL's reward function: its mean and the verifier's rates are logged
+    assert any("rewards/medical_verifier/mean" in m and "correct_rate" in m for m in logged), logged
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 512
