@@ -36,6 +36,7 @@ computed; it exists to show how the two differ (bench/bench_scorer_agreement.py)
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import re
 import unicodedata
@@ -100,8 +101,11 @@ def _token_pattern(tokens: list[str]) -> str:
     return pattern
 
 
+_CJK_CHAR = re.compile(f"[{CJK}]")
+
+
 def _has_cjk(text: str) -> bool:
-    return re.search(f"[{CJK}]", text) is not None
+    return _CJK_CHAR.search(text) is not None
 
 
 def _valid_letters(options: dict[str, str]) -> set[str]:
@@ -224,6 +228,7 @@ def _answer_lines(text: str, valid: set[str], norm_options: _Options) -> list[tu
     return bare + labelled
 
 
+_QUESTION_MARK_AFTER = re.compile(r"[)\]*_\s]*[?？]")
 _HEDGE = re.compile(
     r"\b(?:maybe|perhaps|if|whether|might|could|unless|wonder|not\s+sure)\b|会不会|是否|可能|如果", re.I
 )
@@ -234,7 +239,13 @@ def _tentative(text: str, lead_start: int, answer_end: int) -> bool:
     sentence_start = max(text.rfind(c, 0, lead_start) for c in ".!?\n。！？")
     if _HEDGE.search(text[sentence_start + 1 : lead_start]):
         return True
-    return re.match(r"[)\]*_\s]*[?？]", text[answer_end : answer_end + 6]) is not None
+    return _QUESTION_MARK_AFTER.match(text[answer_end : answer_end + 6]) is not None
+
+
+# After "Answer: I", a lower-case word or an apostrophe makes the letter the pronoun ("I think", "I'd").
+_PRONOUN_AFTER = re.compile(r"\s+[a-z]|['’]")
+# Punctuation or the line's end right after the letter: it is the answer, not the capital of an option's text.
+_LETTER_ENDS = re.compile(r"[ \t]*(?:[.):\]】）*_,;!?。，\n]|$)")
 
 
 def _explicit(text: str, valid: set[str], norm_options: _Options):
@@ -246,11 +257,11 @@ def _explicit(text: str, valid: set[str], norm_options: _Options):
         opt = _option_at_start(text[start : line_end if line_end > 0 else None], norm_options)
         m = _LETTER_AFTER_LEAD.match(text, start)
         letter, after = ((m.group(1) or m.group(2).upper()), text[m.end() :]) if m else (None, "")
-        if letter == "I" and re.match(r"\s+[a-z]|['’]", after):
+        if letter == "I" and _PRONOUN_AFTER.match(after):
             letter = None  # "Answer: I think ..." is the pronoun
         # A letter followed by a word is an option text that opens with a capital when some option's text
         # fits: "The answer is A stable genome.", "... is H+ ions".
-        if letter in valid and (opt is None or re.match(r"[ \t]*(?:[.):\]】）*_,;!?。，\n]|$)", after)):
+        if letter in valid and (opt is None or _LETTER_ENDS.match(after)):
             if not _tentative(text, lead.start(), m.end()):
                 found.append((m.start(), letter))
         elif opt is not None and not _tentative(text, lead.start(), start):
@@ -296,23 +307,36 @@ _VERB_AFTER = re.compile(
     r"explains|aligns|accounts|corresponds|answers)\b"
 )
 _BARE = re.compile(r"(?<![A-Za-z0-9_])([A-Z])(?![A-Za-z0-9_])")
+_HYPHEN_AFTER = re.compile(r"[-'’][A-Za-z0-9]")
+_HYPHEN_BEFORE = re.compile(r"[A-Za-z0-9][-'’]$")
+_LIST_INDENT = re.compile(r"[ \t>*_#-]*")
+_WORD_AFTER = re.compile(r" +[A-Za-z0-9]")
+_GENUS_AFTER = re.compile(r"\.\s+[a-z]")
 
 
 def _part_of_term(text: str, pos: int) -> bool:
     """Whether the capital letter at `pos` belongs to a term rather than naming an option."""
     before, after = text[max(0, pos - 80) : pos], text[pos + 1 : pos + 3]
-    if re.match(r"[-'’][A-Za-z0-9]", after) or re.search(r"[A-Za-z0-9][-'’]$", before):
+    if _HYPHEN_AFTER.match(after) or _HYPHEN_BEFORE.search(before):
         return True  # B-cell, I'm, HLA-B, anti-D
     return _TERM_BEFORE.search(before) is not None
 
 
-def _mask_option_texts(text: str, options: dict[str, str], valid: set[str]) -> str:
-    """Blank out quoted option texts that contain a standalone option letter, so 'Vitamin A' is no vote for A."""
-    for opt in options.values():
-        opt = unicodedata.normalize("NFKC", str(opt)).strip()
+def _option_text_masks(option_texts: list[str], valid: set[str]) -> list[re.Pattern]:
+    """Patterns for the option texts that contain a standalone option letter ("Vitamin A")."""
+    masks = []
+    for opt in option_texts:
+        opt = unicodedata.normalize("NFKC", opt).strip()
         if len(opt) > 2 and any(m.group(1) in valid for m in _BARE.finditer(opt)):
             pattern = r"(?<![^\W_])" + _token_pattern(_TOKEN.findall(opt)) + r"(?![^\W_])"
-            text = re.sub(pattern, lambda m: " " * len(m.group(0)), text, flags=re.I)
+            masks.append(re.compile(pattern, re.I))
+    return masks
+
+
+def _mask_option_texts(text: str, masks: list[re.Pattern]) -> str:
+    """Blank out quoted option texts that contain a standalone option letter, so 'Vitamin A' is no vote for A."""
+    for mask in masks:
+        text = mask.sub(lambda m: " " * len(m.group(0)), text)
     return text
 
 
@@ -321,15 +345,16 @@ def _labelled(text: str, pos: int, letter: str, norm_options: _Options) -> bool:
     return letter in norm_options and _option_at_start(text[pos + 1 :], norm_options.only(letter)) == letter
 
 
-def _letters(text: str, options: dict[str, str], valid: set[str], norm_options: _Options):
-    masked = _mask_option_texts(text, options, valid)
+def _letters(text: str, option_set: _OptionSet):
+    valid, norm_options = option_set.valid, option_set.norm_options
+    masked = _mask_option_texts(text, option_set.masks)
     labelled = {
         m.start(1): m.group(1)
         for m in _BARE.finditer(masked)
         if m.group(1) in valid and _labelled(text, m.start(1), m.group(1), norm_options)
     }
     # Three or more options restated one per line ("A. ...\nB. ...") are a list being discussed, not a choice.
-    line_starts = {p for p in labelled if re.fullmatch(r"[ \t>*_#-]*", text[text.rfind("\n", 0, p) + 1 : p])}
+    line_starts = {p for p in labelled if _LIST_INDENT.fullmatch(text[text.rfind("\n", 0, p) + 1 : p])}
     if len({labelled[p] for p in line_starts}) < 3:
         line_starts = set()
     found = [(p, letter) for p, letter in labelled.items() if p not in line_starts]
@@ -341,12 +366,12 @@ def _letters(text: str, options: dict[str, str], valid: set[str], norm_options: 
             continue
         after = masked[pos + 1 : pos + 40]
         named = _OPTION_WORD_BEFORE.search(masked[max(0, pos - 20) : pos]) is not None
-        if re.match(r" +[A-Za-z0-9]", after) and not named:
+        if _WORD_AFTER.match(after) and not named:
             # "A patient", "I think", "B cells", "A 45-year-old": a word follows, so only a verb
             # ("B is correct") makes it an option.
             if letter in "AI" or not _VERB_AFTER.match(after):
                 continue
-        if re.match(r"\.\s+[a-z]", after) and not named:
+        if _GENUS_AFTER.match(after) and not named:
             continue  # E. coli, S. aureus: a genus, unless the option's own text follows (handled above)
         found.append((pos, letter))
     return _result(found, "letter")
@@ -358,18 +383,27 @@ def _letters(text: str, options: dict[str, str], valid: set[str], norm_options: 
 
 
 _CONCLUDING = r"(?:in\s+(?:conclusion|summary|short)|overall|therefore|thus|hence|so)[\s,:]+"
+_VERDICT_OPENING = rf"(?:\A[\s#*_>\"'“]*|(?:^|(?<=[.!?]))[ \t*_]*(?i:{_CONCLUDING})[*_\"'“]*)"
+_VERDICT_CLOSING = r"[\s*_\"'”]*(?:[.,;:!?)\n—]|(?<=\s)[–-]|$)"
 
 
-def _verdict(text: str, norm_options: _Options):
+def _verdict_patterns(norm_options: _Options) -> list[tuple[str, re.Pattern]]:
+    flags = re.M | (re.I if norm_options.fold else 0)
+    return [
+        (
+            letter,
+            re.compile(rf"{_VERDICT_OPENING}({_token_pattern(opt.split(' '))}){_VERDICT_CLOSING}", flags),
+        )
+        for letter, opt in norm_options.items()
+    ]
+
+
+def _verdict(text: str, option_set: _OptionSet):
     """Option texts that open the answer or a concluding sentence as a whole clause: "Yes, ...",
     "In conclusion, maybe." (but not "No significant difference ...")."""
     found = []
-    for letter, opt in norm_options.items():
-        body = _token_pattern(opt.split(" "))
-        opening = rf"(?:\A[\s#*_>\"'“]*|(?:^|(?<=[.!?]))[ \t*_]*(?i:{_CONCLUDING})[*_\"'“]*)"
-        pattern = rf"{opening}({body})[\s*_\"'”]*(?:[.,;:!?)\n—]|(?<=\s)[–-]|$)"
-        flags = re.M | (re.I if norm_options.fold else 0)
-        found += [(m.start(1), m.end(1), letter) for m in re.finditer(pattern, text, flags)]
+    for letter, pattern in option_set.verdicts:
+        found += [(m.start(1), m.end(1), letter) for m in pattern.finditer(text)]
     return _result(_outermost(found), "verdict")
 
 
@@ -392,7 +426,16 @@ def _similar(text: str, norm_options: _Options):
     words = norm_options.norm(text)
     if not words:
         return None
-    ratios = {k: difflib.SequenceMatcher(None, words, v).ratio() for k, v in norm_options.items()}
+    ratios = {}
+    for k, v in norm_options.items():
+        matcher = difflib.SequenceMatcher(None, words, v)
+        # Both quick ratios bound ratio() from above, so an option they rule out could not reach the
+        # threshold; ratio() itself is quadratic in the reply's length, and a long reply is never similar.
+        if (
+            matcher.real_quick_ratio() >= SIMILARITY_THRESHOLD
+            and matcher.quick_ratio() >= SIMILARITY_THRESHOLD
+        ):
+            ratios[k] = matcher.ratio()
     best = max(ratios, key=ratios.get, default=None)
     if best is None or ratios[best] < SIMILARITY_THRESHOLD:
         return None
@@ -404,31 +447,59 @@ def _similar(text: str, norm_options: _Options):
 # --------------------------------------------------------------------------------------------------
 
 
+class _OptionSet:
+    """One question's options with what the rules derive from them. Built once per distinct set of
+    options (a question scored for several runs or samples); the patterns of rules 2-3 are compiled
+    only when a reply first reaches those rules, since most replies state their answer."""
+
+    def __init__(self, items: tuple[tuple[str, str], ...]):
+        self.items = items
+        self.valid = _valid_letters(dict(items))
+        self.norm_options = _Options(dict(items))
+
+    @functools.cached_property
+    def masks(self) -> list[re.Pattern]:
+        return _option_text_masks([text for _, text in self.items], self.valid)
+
+    @functools.cached_property
+    def verdicts(self) -> list[tuple[str, re.Pattern]]:
+        return _verdict_patterns(self.norm_options)
+
+
+# Room for a benchmark source of a few thousand questions, so rescoring finds them prepared; the compiled
+# patterns take about 17 KB a question, so memory stays under 70 MB.
+@functools.lru_cache(maxsize=4096)
+def _option_set(items: tuple[tuple[str, str], ...]) -> _OptionSet:
+    return _OptionSet(items)
+
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
 def score(reply: str, options: dict[str, str]) -> ScoreResult:
     """The option letters a reply states first and last, and the rule that found them (all None if none)."""
     text = answer_region(reply)
     if not text or not options:
         return NO_ANSWER
-    valid = _valid_letters(options)
-    norm_options = _Options(options)
-    explicit = _explicit(text, valid, norm_options)
+    option_set = _option_set(tuple((str(k), str(v)) for k, v in options.items()))
+    explicit = _explicit(text, option_set.valid, option_set.norm_options)
     if explicit:
         return explicit
     # Without a stated answer, the conclusion speaks for the reply: a closing "Yes." or "Naloxone." beats
     # letters and option texts the reasoning went through on the way. A conclusion that states an answer
     # outside the options ("The answer is none of the above.") is read alone, so the reasoning's mentions
     # of options do not stand in for it.
-    conclusion = re.split(r"\n\s*\n", text)[-1]
+    conclusion = _PARAGRAPH_BREAK.split(text)[-1]
     regions = [conclusion] if _LEAD.search(conclusion) else [conclusion, text]
     for region in dict.fromkeys(regions):
         found = (
-            _letters(region, options, valid, norm_options)
-            or _verdict(region, norm_options)
-            or _option_texts(region, norm_options)
+            _letters(region, option_set)
+            or _verdict(region, option_set)
+            or _option_texts(region, option_set.norm_options)
         )
         if found:
             return found
-    return _similar(text, norm_options) or NO_ANSWER
+    return _similar(text, option_set.norm_options) or NO_ANSWER
 
 
 def score_original(reply: str, options: dict[str, str]) -> ScoreResult:
