@@ -248,25 +248,22 @@ def stage_api(demo: Demo) -> dict | None:
         "api",
     )
     constructed = newest(out.glob(f"{mcqs_path.stem}_final_*.json"))
-    kept = [r for r in json.loads(constructed.read_text(encoding="utf-8")) if r.get("status") == "kept"]
-    problems_path = out / "problems.json"
-    write_json_atomic(problems_path, kept)
-    searched = []
-    if kept:
+    kept = sum(r.get("status") == "kept" for r in json.loads(constructed.read_text(encoding="utf-8")))
+    merged, searched = None, []
+    if kept:  # the search passes over the items construction dropped
         search = flags(
-            data_path=shown(problems_path), output_dir=shown(out), max_search_attempts=1, max_search_depth=2
+            data_path=shown(constructed), output_dir=shown(out), max_search_attempts=1, max_search_depth=2
         )
         demo.run([PYTHON, "search_for_complex_reasoning_path.py", *search, *server], "api")
+        pattern = re.compile(re.escape(constructed.stem) + r"_CoT_search_\d+\.json")
         merged = newest(
-            p
-            for p in out.glob("problems_CoT_search_*.json")
-            if re.fullmatch(r"problems_CoT_search_\d+\.json", p.name)
+            p for p in out.glob(f"{constructed.stem}_CoT_search_*.json") if pattern.fullmatch(p.name)
         )
         searched = json.loads(merged.read_text(encoding="utf-8"))
     return {
         "items": f"{len(items)} MCQs",
-        "figure": f"{len(kept)}/{len(items)} made verifiable, {len(searched)} with a verified reasoning path",
-        "outputs": {"problems": shown(problems_path)},
+        "figure": f"{kept}/{len(items)} made verifiable, {len(searched)} with a verified reasoning path",
+        "outputs": {"problems": shown(constructed), "reasoning": shown(merged) if merged else None},
     }
 
 
