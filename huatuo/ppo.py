@@ -557,11 +557,14 @@ class PPOTrainer:
         dataloader state)."""
         n, size = len(self.train_dataset), self.plan.global_batch_size
         start = update * size
-        rows = []
+        rows, orders = [], {}
         for position in range(start, start + size):
             epoch, offset = divmod(position, n)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch))
-            rows.append(int(order[offset]))
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(
+                    n, generator=torch.Generator().manual_seed(self.args.seed + epoch)
+                )
+            rows.append(int(orders[epoch][offset]))
         rank, local = self.accelerator.process_index, self.plan.local_batch_size
         return [self.train_dataset[i] for i in rows[rank * local : (rank + 1) * local]]
 
@@ -783,15 +786,17 @@ class PPOTrainer:
         """Mean reward, correct rate and format rate on the held-out split, sampled at the training temperature."""
         acc = self.accelerator
         shard = self.eval_dataset[acc.process_index :: acc.num_processes]
-        texts, references, judgements = [], [], []
+        own = len(shard)
+        # every process samples the same number of chunks: under ZeRO-3 each one gathers the weights together
+        shard += self.eval_dataset[:1] * (math.ceil(len(self.eval_dataset) / acc.num_processes) - own)
+        texts, references = [], []
         step = self.args.local_rollout_forward_batch_size
         for i in range(0, len(shard), step):
             part = shard[i : i + step]
-            rollout = self._sample([r["input_ids"] for r in part], self.args.temperature)
-            refs = [r["reference"] for r in part]
-            texts += rollout.texts
-            references += refs
-            judgements += self.reward_fn.judge(rollout.texts, refs)
+            texts += self._sample([r["input_ids"] for r in part], self.args.temperature).texts
+            references += [r["reference"] for r in part]
+        texts, references = texts[:own], references[:own]
+        judgements = self.reward_fn.judge(texts, references) if texts else []
         scores = self.reward_fn.rewards(judgements)
         totals = torch.tensor(
             [
