@@ -616,9 +616,7 @@ class PPOTrainer:
         responses = right_pad(chunks, self.pad_id)
         response_mask, has_stop = stop_mask(responses, self.stop_token_ids)
         responses = responses.masked_fill(~response_mask, self.pad_id)
-        texts = self.tokenizer.batch_decode(
-            responses.masked_fill(~response_mask, self.pad_id), skip_special_tokens=True
-        )
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return Rollout(queries, query_mask, responses, response_mask, has_stop, texts)
 
     @staticmethod
