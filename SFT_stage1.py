@@ -169,6 +169,12 @@ def ensure_pad_token(tokenizer):
     return tokenizer
 
 
+def use_bf16() -> bool:
+    """bf16 as `accelerate launch` asks (the DeepSpeed configs say bf16), else wherever the GPU supports it."""
+    requested = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    return requested == "bf16" if requested in ("bf16", "fp16", "no") else bf16_supported()
+
+
 def select_valid(dataset, source: str):
     """Keep items whose Question, Complex_CoT and Response are non-empty strings; warn once about the rest."""
     columns = {
@@ -282,7 +288,7 @@ def main(args):
         warmup_steps=args.warmup_rates,
         max_grad_norm=args.max_grad_norm,
         activation_checkpointing=args.gradient_checkpointing,
-        bf16=bf16_supported(),
+        bf16=use_bf16(),
         use_cpu=not torch.cuda.is_available(),  # also makes processes started by torchrun join over gloo
         seed=args.seed,
         data_seed=args.seed,
