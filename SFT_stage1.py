@@ -10,7 +10,7 @@ end-of-turn token included; a sequence longer than --max_seq_len keeps its last 
         --model_path meta-llama/Llama-3.1-8B-Instruct \\
         --data_path FreedomIntelligence/medical-o1-reasoning-SFT --data_config en --gradient_checkpointing
 Two nodes: configs/multi_node.yaml (set machine_rank and main_process_ip on each node). Smaller models:
-configs/deepspeed_zero2.yaml. One GPU or a CPU:
+configs/deepspeed_zero2.yaml. One GPU or a CPU (tiny offline model: python -m huatuo.tiny --out_dir tiny_models):
     python SFT_stage1.py --model_path tiny_models/policy --data_path data/demo_data.json --packing
     accelerate launch --config_file configs/cpu.yaml SFT_stage1.py --model_path tiny_models/policy
 Resume an interrupted run (same flags plus --resume):
@@ -316,8 +316,7 @@ def main(args):
         save_args(log_dir / "args.json", args)
         if args.dump_examples:
             dump_examples(dataset, tokenizer, args.dump_examples, log_dir / "examples.json")
-    n_supervised = sum(sum(t != IGNORE_INDEX for t in labels) for labels in dataset["labels"])
-    logger.info("%d examples, %d supervised tokens", len(dataset), n_supervised)
+    logger.info("%d examples from %s", len(dataset), args.data_path)
 
     attention = attn_implementation()
     if args.packing and attention == "sdpa":
