@@ -6,8 +6,8 @@ What this adds to the stock trainer:
   `<epoch>` is the 0-based epoch the step belongs to; only the newest `max_ckpts` complete checkpoints are kept;
 - a checkpoint every `save_steps` optimizer steps on top of the one at each epoch end;
 - supervised and total tokens per second, and a plain `metrics.jsonl` with one line per logging step;
-- `sdpa_varlen`, an attention for padding-free batches without flash-attn (CPU): PyTorch's sdpa run causally
-  on each example of the packed row, so no example attends to another and no quadratic block mask is used.
+- `sdpa_varlen`, an attention for padding-free batches without flash-attn (CPU): PyTorch's causal sdpa kernel
+  run on each example of the packed row, so no example attends to another and no masked kernel spans the row.
 
 A checkpoint is complete once its `trainer_state.json` exists: it is written last, so a run killed while
 saving leaves an incomplete folder that resuming ignores and the next rotation removes.
@@ -36,9 +36,7 @@ MODEL_SUBDIR = "tfmr"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)-(\d+)$")
 
 
-def varlen_sdpa_attention(
-    module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None, **kwargs
-):
+def varlen_sdpa_attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
     """Causal sdpa per example of a padding-free row (sequence bounds from the collator's cu_seq_lens_q)."""
     if cu_seq_lens_q is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
