@@ -66,12 +66,12 @@ def main(args):
         policy = build_tiny_models(tmp / "tiny")["policy"]
         wall = {"pad-to-longest": [], "packing": []}
         cpu = {"pad-to-longest": [], "packing": []}
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
             for name, packing in (("pad-to-longest", False), ("packing", True)):
                 per_wall, per_cpu = run_once(
                     policy,
                     args.data_path,
-                    tmp / name,
+                    tmp / f"{name}-{round_index}",  # a fresh run folder: SFT never overwrites checkpoints
                     packing,
                     args.train_bsz_per_gpu,
                     args.gradient_accumulation_steps,
