@@ -21,7 +21,7 @@ report_to, run_name, seed, ...) are copied as they are:
 
 Besides TRL's own metrics (reward, kl, entropy, clip ratios, completion lengths), every log carries the
 verifier's correct_rate and format_rate (eval_ prefixed on the held-out split) and is appended to
-<output_dir>/metrics.jsonl. A rerun with the same output_dir resumes from its last checkpoint.
+<output_dir>/metrics.jsonl. --resume_from_checkpoint latest (or a checkpoint-N path) resumes, as for PPO.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import os
 from pathlib import Path
 
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from huatuo.models import attn_implementation, ensure_chat_template
+from huatuo.ppo import find_checkpoint
 from huatuo.reward import RewardFunction, reward_stats
 
 TRL_ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
@@ -50,6 +50,7 @@ RENAMED = {
     "num_ppo_epochs": "num_iterations",
     "cliprange": "epsilon",
     "num_generations": "num_generations",
+    "vllm_gpu_memory_utilization": "vllm_gpu_memory_utilization",
 }
 
 
@@ -159,8 +160,8 @@ def train_with_trl(
 ):
     """Train `args.model_name_or_path` with GRPO or RLOO on `train_dataset` ("prompt", "reference"),
     evaluating on `eval_dataset` (or None); save the final model and tokenizer to `args.output_dir` and
-    return the trainer. Resumes from `args.resume_from_checkpoint` or else the last checkpoint in
-    output_dir."""
+    return the trainer. `args.resume_from_checkpoint`: None starts afresh, "latest" takes the newest
+    checkpoint in output_dir, a path takes that checkpoint."""
     if eval_dataset is not None and len(eval_dataset) == 0:
         eval_dataset = None
     config = trl_config(algorithm, args, evaluate=eval_dataset is not None)
@@ -175,9 +176,10 @@ def train_with_trl(
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(Path(config.output_dir) / "metrics.jsonl"), *(callbacks or [])],
     )
-    resume = getattr(args, "resume_from_checkpoint", None)
-    if resume is None and Path(config.output_dir).is_dir():
-        resume = get_last_checkpoint(config.output_dir)
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(
+        resume_from_checkpoint=find_checkpoint(
+            getattr(args, "resume_from_checkpoint", None), config.output_dir
+        )
+    )
     trainer.save_model(config.output_dir)
     return trainer

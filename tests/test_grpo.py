@@ -168,9 +168,8 @@ def test_rloo_end_to_end_with_classifier_verifier_and_resume(warm_policy, tiny_m
     )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # save_total_limit 1
     # A second run with a larger budget picks up from checkpoint-2 instead of starting over.
-    train_with_trl(
-        "rloo", stage2_args(total_episodes=32, **common), toy_dataset(16), toy_dataset(4, 100), reward_fn
-    )
+    resumed = stage2_args(total_episodes=32, resume_from_checkpoint="latest", **common)
+    train_with_trl("rloo", resumed, toy_dataset(16), toy_dataset(4, 100), reward_fn)
 
     logs = read_metrics(out / "metrics.jsonl")
     train_steps = [m["step"] for m in logs if "reward" in m]
