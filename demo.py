@@ -26,6 +26,7 @@ launched is always stopped through the kill script, so nothing is left running.
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -128,13 +129,20 @@ def shown(path) -> str:
 
 @contextmanager
 def signals_deferred():
-    """Hold off Ctrl-C and SIGTERM while cleaning up, so a second Ctrl-C cannot leave a server running."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """Hold off Ctrl-C and SIGTERM while cleaning up, so that a second Ctrl-C cannot leave a server running;
+    one that arrived meanwhile is honoured once the cleanup is done."""
+    received = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -247,7 +255,7 @@ def stage_api(demo: Demo) -> dict | None:
         ],
         "api",
     )
-    constructed = newest(out.glob(f"{mcqs_path.stem}_final_*.json"))
+    constructed = newest(out.glob(f"{mcqs_path.stem}_final_*.json"), "merged construction file")
     kept = sum(r.get("status") == "kept" for r in json.loads(constructed.read_text(encoding="utf-8")))
     merged, searched = None, []
     if kept:  # the search passes over the items construction dropped
@@ -256,9 +264,8 @@ def stage_api(demo: Demo) -> dict | None:
         )
         demo.run([PYTHON, "search_for_complex_reasoning_path.py", *search, *server], "api")
         pattern = re.compile(re.escape(constructed.stem) + r"_CoT_search_\d+\.json")
-        merged = newest(
-            p for p in out.glob(f"{constructed.stem}_CoT_search_*.json") if pattern.fullmatch(p.name)
-        )
+        candidates = out.glob(f"{constructed.stem}_CoT_search_*.json")
+        merged = newest((p for p in candidates if pattern.fullmatch(p.name)), "merged search file")
         searched = json.loads(merged.read_text(encoding="utf-8"))
     return {
         "items": f"{len(items)} MCQs",
@@ -386,7 +393,7 @@ def stage_eval(demo: Demo) -> dict:
                 )
             except StageFailed as err:
                 print(f"warning: stopping the server failed: {err}", file=sys.stderr)
-    summary_path = newest((out / "results").glob("*_summary.json"))
+    summary_path = newest((out / "results").glob("*_summary.json"), "eval summary")
     sources = json.loads(summary_path.read_text(encoding="utf-8"))["sources"]
     items = sum(s["items"] for s in sources.values())
     correct = sum(s["correct"] for s in sources.values())
@@ -417,10 +424,10 @@ DESCRIPTIONS = {
 # helpers
 
 
-def newest(paths):
+def newest(paths, what: str) -> Path:
     paths = sorted(paths, key=lambda p: p.stat().st_mtime)
     if not paths:
-        raise StageFailed("the stage finished but its expected output file is missing")
+        raise StageFailed(f"the stage's command succeeded but wrote no {what}")
     return paths[-1]
 
 
@@ -442,12 +449,7 @@ def safetensors_params(model_dir: Path) -> int:
     for path in model_dir.glob("*.safetensors"):
         with open(path, "rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= dim
-                total += count
+        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
     return total
 
 
@@ -563,48 +565,56 @@ def main(args) -> int:
         {s for s in STAGES if done_path(demo, s).exists()}, set(STAGES) if args.force else set(args.redo)
     )
     rows = []
-    status = 0
+    where = "setup"
     try:
-        # ------------------------------------------------------------------ run the stages in order
-        for index, stage in enumerate(STAGES):
-            banner(index, stage)
-            if stage not in todo:
-                done = load_done(demo, stage)
-                print(
-                    f"done earlier ({done['wall_s']:.1f} s): {done['figure']}; skipping (--redo {stage} redoes it)"
+        status = 0
+        try:
+            # -------------------------------------------------------------- run the stages in order
+            for index, stage in enumerate(STAGES):
+                where = f"the {stage} stage"
+                banner(index, stage)
+                if stage not in todo:
+                    done = load_done(demo, stage)
+                    print(
+                        f"done earlier ({done['wall_s']:.1f} s): {done['figure']}; skipping (--redo {stage} redoes it)"
+                    )
+                    rows.append(
+                        [stage, done["items"], f"{done['wall_s']:.1f} s", done["figure"], "done earlier"]
+                    )
+                    continue
+                done_path(demo, stage).unlink(missing_ok=True)
+                # A rerun starts the stage afresh, except the API stage, whose scripts resume from their per-item
+                # files so that the calls already paid for are not made again (--redo api starts it afresh).
+                if stage != "api" or stage in args.redo or args.force:
+                    shutil.rmtree(demo.stage_dir(stage), ignore_errors=True)
+                start = time.monotonic()
+                summary = STAGE_FUNCTIONS[stage](demo)
+                wall = time.monotonic() - start
+                if summary is None:
+                    rows.append([stage, "-", "-", "skipped: no OPENAI_API_KEY or API_URL", "skipped"])
+                    continue
+                write_json_atomic(
+                    done_path(demo, stage), {"stage": stage, "wall_s": round(wall, 1), **summary}
                 )
-                rows.append([stage, done["items"], f"{done['wall_s']:.1f} s", done["figure"], "done earlier"])
-                continue
-            done_path(demo, stage).unlink(missing_ok=True)
-            # A rerun starts the stage afresh, except the API stage, whose scripts resume from their per-item
-            # files so that the calls already paid for are not made again (--redo api starts it afresh).
-            if stage != "api" or stage in args.redo or args.force:
-                shutil.rmtree(demo.stage_dir(stage), ignore_errors=True)
-            start = time.monotonic()
-            summary = STAGE_FUNCTIONS[stage](demo)
-            wall = time.monotonic() - start
-            if summary is None:
-                rows.append([stage, "-", "-", "skipped: no OPENAI_API_KEY or API_URL", "skipped"])
-                continue
-            write_json_atomic(done_path(demo, stage), {"stage": stage, "wall_s": round(wall, 1), **summary})
-            rows.append([stage, summary["items"], f"{wall:.1f} s", summary["figure"], "ran"])
-            print(f"{stage} done in {wall:.1f} s: {summary['figure']}")
-    except StageFailed as err:
-        print(f"\nerror in stage {stage}: {err}", file=sys.stderr)
-        rows.append([stage, "-", "-", "failed (see log.txt)", "failed"])
-        status = 1
+                rows.append([stage, summary["items"], f"{wall:.1f} s", summary["figure"], "ran"])
+                print(f"{stage} done in {wall:.1f} s: {summary['figure']}")
+        except StageFailed as err:
+            print(f"\nerror in {where}: {err}", file=sys.stderr)
+            rows.append([stage, "-", "-", "failed (see log.txt)", "failed"])
+            status = 1
+
+        # ------------------------------------------------------------------ report
+        where = "the report"
+        report = write_report(demo, rows)
+        print(f"report: {shown(report)}/ (summary.md, sft_loss.png, ppo_reward.png, eval.md)")
+        return status
     except KeyboardInterrupt:
         print(
-            f"\ninterrupted during stage {stage}; its processes are stopped. Run the same command again to "
-            "continue from this stage.",
+            f"\ninterrupted during {where}; every process it started is stopped. Run the same command again "
+            "to go on from there.",
             file=sys.stderr,
         )
         return 130
-
-    # ------------------------------------------------------------------ report
-    report = write_report(demo, rows)
-    print(f"report: {shown(report)}/ (summary.md, sft_loss.png, ppo_reward.png, eval.md)")
-    return status
 
 
 def _raise_interrupt(signum, frame):

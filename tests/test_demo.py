@@ -204,7 +204,7 @@ def test_ctrl_c_while_serving_stops_the_server_through_the_kill_script(demo_run,
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr.decode()
-    assert "interrupted during stage eval" in stderr.decode()
+    assert "interrupted during the eval stage" in stderr.decode()
     assert "stopping transformers server" in (copy / "eval" / "log.txt").read_text()
     assert not pid_file.exists()
     assert live_members(pgid) == []
@@ -240,7 +240,7 @@ def test_sigterm_during_training_stops_every_training_process(demo_run, tmp_path
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr.decode()
-    assert "interrupted during stage sft" in stderr.decode()
+    assert "interrupted during the sft stage" in stderr.decode()
     assert processes_mentioning(str(copy)) == []
     assert not (copy / "sft" / "done.json").exists()
     # The stages after SFT are stale now, so the next run redoes them.
