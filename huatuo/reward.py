@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from huatuo.llm import LLMClient, LLMError, resolve_api_key
+from huatuo.models import attn_implementation
 from huatuo.prompts import PromptError, load_prompt, prompt_path, template_fields
 
 THINKING_HEADER = "## Thinking"
@@ -201,7 +202,11 @@ class ClassifierVerifier:
             use_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
             dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(self.device)
+        # flash-attention kernels take half precision only; fp32 (CPU, older GPUs) goes through sdpa.
+        attn = attn_implementation() if dtype in (torch.bfloat16, torch.float16) else "sdpa"
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn
+        ).to(self.device)
         self.model.eval()
         if self.model.config.num_labels != 2:
             raise ValueError(
