@@ -4,7 +4,7 @@
     python demo.py --redo rl                # redo RL and the stages that build on it (eval)
     python demo.py --force                  # redo every stage
     OPENAI_API_KEY=sk-... python demo.py    # also construct and search 5 problems with gpt-4o
-    API_URL=http://127.0.0.1:8000/v1 API_MODEL=Qwen2.5-7B-Instruct python demo.py   # any OpenAI-compatible server
+    API_URL=http://127.0.0.1:8000/v1 API_MODEL=Qwen2.5-7B-Instruct python demo.py  # a local server
 
 Stages, each run as the command its banner prints (copy it to run the stage alone):
   models  build the tiny offline policy, value model and verifier (huatuo.tiny)
@@ -16,9 +16,10 @@ Stages, each run as the command its banner prints (copy it to run the stage alon
   eval    serve the RL checkpoint with evaluation/launch_sglang_server.sh --backend transformers, run
           evaluation/eval.py on evaluation/data/eval_sample.json, stop the server with kill_sglang_server.sh
 
-Outputs under --out_dir (default demo_out/): one folder per stage with its outputs, the stage's console
-output (log.txt) and, once finished, done.json (its summary; a rerun skips the stage). report/ holds
-summary.md (stage, items, wall time, key figure), sft_loss.png, ppo_reward.png and eval.md.
+Outputs under --out_dir (default demo_out/): args.json (this run's flags); one folder per stage with its
+outputs, the stage's console output (log.txt) and, once finished, done.json (its summary; a rerun skips
+the stage); report/ with summary.md (stage, items, wall time, key figure), sft_loss.png, ppo_reward.png
+and eval.md.
 
 Every child runs in a process group of its own; Ctrl-C (or SIGTERM) stops that group, and a server once
 launched is always stopped through the kill script, so nothing is left running.
@@ -40,7 +41,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from huatuo.report import first_last, markdown_table, plot_curve, read_jsonl
-from huatuo.store import write_json_atomic
+from huatuo.store import save_args, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "data" / "demo_data.json"
@@ -416,7 +417,7 @@ DESCRIPTIONS = {
     "api": "construct verifiable problems from bundled MCQs and search reasoning paths through an LLM API",
     "sft": "fine-tune the tiny policy on the bundled complex chains of thought",
     "rl": "PPO from the SFT checkpoint with the tiny value model and the rule verifier",
-    "eval": "serve the RL checkpoint on the CPU, evaluate it on the bundled benchmark sample, stop the server",
+    "eval": "serve the RL checkpoint on the CPU, evaluate it on the bundled sample, stop the server",
 }
 
 
@@ -549,7 +550,7 @@ def eval_markdown(summary: dict) -> str:
 
 
 def plan(done: set[str], redo: set[str]) -> list[str]:
-    """The stages to run, in order: those not done, those asked for, and every stage building on one of them."""
+    """The stages to run, in order: those not done, those asked for, and every stage built on one of those."""
     todo: list[str] = []
     for stage in STAGES:
         if stage not in done or stage in redo or any(need in todo for need in NEEDS[stage]):
@@ -560,7 +561,7 @@ def plan(done: set[str], redo: set[str]) -> list[str]:
 def main(args) -> int:
     sys.stdout.reconfigure(line_buffering=True)  # banners and errors (stderr) appear in order when piped
     demo = Demo(args)
-    demo.out_dir.mkdir(parents=True, exist_ok=True)
+    save_args(demo.out_dir / "args.json", args)
     todo = plan(
         {s for s in STAGES if done_path(demo, s).exists()}, set(STAGES) if args.force else set(args.redo)
     )
@@ -575,16 +576,15 @@ def main(args) -> int:
                 banner(index, stage)
                 if stage not in todo:
                     done = load_done(demo, stage)
-                    print(
-                        f"done earlier ({done['wall_s']:.1f} s): {done['figure']}; skipping (--redo {stage} redoes it)"
-                    )
+                    figure, wall = done["figure"], done["wall_s"]
+                    print(f"done earlier ({wall:.1f} s): {figure}; skipping (--redo {stage} redoes it)")
                     rows.append(
                         [stage, done["items"], f"{done['wall_s']:.1f} s", done["figure"], "done earlier"]
                     )
                     continue
                 done_path(demo, stage).unlink(missing_ok=True)
-                # A rerun starts the stage afresh, except the API stage, whose scripts resume from their per-item
-                # files so that the calls already paid for are not made again (--redo api starts it afresh).
+                # A rerun starts the stage afresh, except the API stage, whose scripts resume from their
+                # per-item files so that calls already paid for are not made again (--redo api starts afresh).
                 if stage != "api" or stage in args.redo or args.force:
                     shutil.rmtree(demo.stage_dir(stage), ignore_errors=True)
                 start = time.monotonic()

@@ -58,7 +58,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def live_members(pgid: int) -> list[int]:
-    """Processes of group pgid that are not zombies (a zombie waits for init to reap it, and holds nothing)."""
+    """Processes of group pgid that are not zombies (a zombie only waits for init to reap it)."""
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
