@@ -132,7 +132,12 @@ def trl_config(algorithm: str, args, world_size: int | None = None, evaluate: bo
     fields["num_generations_eval"] = 1
     if not evaluate:
         fields["eval_strategy"] = "no"
-    fields["model_init_kwargs"] = {"attn_implementation": attn_implementation()}
+    attention = attn_implementation()
+    fields["model_init_kwargs"] = {"attn_implementation": attention}
+    if attention == "flash_attention_2":
+        # Flash kernels take half precision only and TRL samples outside autocast, so the policy is loaded in
+        # bf16 (what DeepSpeed's bf16 mode runs anyway); elsewhere it stays fp32 under sdpa.
+        fields["model_init_kwargs"]["dtype"] = "bfloat16"
     fields["use_vllm"] = getattr(args, "rollout_backend", "hf") == "vllm"
     if fields["use_vllm"]:
         fields["vllm_mode"] = "colocate"
