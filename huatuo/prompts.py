@@ -30,6 +30,7 @@ CONTRACT: dict[str, tuple[set[str], set[str]]] = {
     "search_correction": (_STEPS, _STEPS),
     "search_label": (_STEPS | {"answer"}, _STEPS | {"answer"}),
     "verify": ({"response", "reference"}, {"response", "reference"}),
+    "reward_verifier": ({"response", "reference"}, {"response", "reference"}),
     "reformat_natural": ({"thought_process", "question"}, {"thought_process"}),
     "final_response": ({"thinking", "question"}, {"thinking", "question"}),
 }

@@ -29,7 +29,7 @@ import torch
 
 from huatuo.llm import LLMClient, LLMError, resolve_api_key
 from huatuo.models import attn_implementation
-from huatuo.prompts import PromptError, load_prompt, prompt_path, template_fields
+from huatuo.prompts import load_prompt
 
 THINKING_HEADER = "## Thinking"
 FINAL_HEADER = "## Final Response"
@@ -126,18 +126,9 @@ def reward_stats(judgements: Sequence[bool | None], rewards: Sequence[float]) ->
 
 
 def load_reward_prompt(prompt_dir: str | Path | None = None) -> str:
-    """prompts/reward_verifier.txt (or its override in prompt_dir), checked to use exactly {response} and
-    {reference}. The classifier verifier is English-only, as the released one is."""
-    path = prompt_path(REWARD_PROMPT, "en", prompt_dir)
-    if not path.is_file():
-        raise PromptError(f"prompt file {path} not found")
-    template = path.read_text(encoding="utf-8").rstrip("\n")
-    fields = template_fields(template, path)
-    if fields != {"response", "reference"}:
-        raise PromptError(
-            f"{path}: must use exactly the fields {{response}} and {{reference}}, has {sorted(fields)}"
-        )
-    return template
+    """prompts/reward_verifier.txt (or its override in prompt_dir). The classifier verifier is
+    English-only, as the released one is."""
+    return load_prompt(REWARD_PROMPT, "en", prompt_dir)
 
 
 def verifier_input_ids(tokenizer, template: str, response: str, reference: str, max_length: int) -> list[int]:
