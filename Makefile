@@ -23,6 +23,7 @@ bench: install
 	$(PYTHON) bench/bench_llm_client.py
 	$(PYTHON) bench/bench_eval_throughput.py
 	$(PYTHON) bench/bench_scorer_agreement.py
+	$(PYTHON) bench/bench_scorer_speed.py
 	$(PYTHON) bench/bench_sft_packing.py
 	$(PYTHON) bench/bench_ppo.py
 
