@@ -37,7 +37,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from huatuo.items import ANSWER, MCQ, QUESTION, InputError, load_eval_file, load_items
-from huatuo.llm import LLMClient, Usage, normalize_api_url, resolve_api_key
+from huatuo.llm import LLMClient, Usage, add_api_args, normalize_api_url, resolve_api_key
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
 from huatuo.search import ParseError, extract_json_object
 from huatuo.store import DROPPED, GIVEN_UP, KEPT, ItemStore, run_all, save_args, write_json_atomic
@@ -62,28 +62,7 @@ def parse_args(argv=None):
         "--retry_given_up", action="store_true", help="on resume, redo items that were given up"
     )
 
-    api = parser.add_argument_group("LLM API (any OpenAI-compatible server)")
-    api.add_argument(
-        "--model_name", default="gpt-4", help="model used to filter and rewrite (default: gpt-4)"
-    )
-    api.add_argument(
-        "--api_url",
-        default="https://api.openai.com/v1/chat/completions",
-        help="base URL (http://127.0.0.1:8000/v1) or full chat-completions URL",
-    )
-    api.add_argument(
-        "--api_key", default=None, help="API key; defaults to OPENAI_API_KEY; local servers need none"
-    )
-    api.add_argument("--num_process", type=int, default=10, help="items processed concurrently (default: 10)")
-    api.add_argument(
-        "--max_tokens", type=int, default=8192, help="max_tokens of each request (default: 8192)"
-    )
-    api.add_argument(
-        "--max_retries", type=int, default=5, help="retries of a failed request, with backoff (default: 5)"
-    )
-    api.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds before a request is retried (default: 600)"
-    )
+    api = add_api_args(parser, "filters and rewrites", num_process=10)
     api.add_argument(
         "--backoff_base",
         type=float,

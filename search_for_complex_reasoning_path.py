@@ -44,7 +44,7 @@ from collections import Counter
 from pathlib import Path
 
 from huatuo.items import ANSWER, QUESTION, VERIFIABLE, InputError, check_items, read_json
-from huatuo.llm import LLMClient, LLMError, Usage, normalize_api_url, resolve_api_key
+from huatuo.llm import LLMClient, LLMError, Usage, add_api_args, normalize_api_url, resolve_api_key
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
 from huatuo.search import (
     STRATEGIES,
@@ -129,26 +129,7 @@ def parse_args(argv=None):
         help="asks again when a reply does not have the asked-for JSON shape, then gives up the item (default: 2)",
     )
 
-    api = parser.add_argument_group("LLM API (any OpenAI-compatible server)")
-    api.add_argument("--model_name", default="gpt-4", help="model that reasons and verifies (default: gpt-4)")
-    api.add_argument(
-        "--api_url",
-        default="https://api.openai.com/v1/chat/completions",
-        help="base URL (http://127.0.0.1:8000/v1) or full chat-completions URL",
-    )
-    api.add_argument(
-        "--api_key", default=None, help="API key; defaults to OPENAI_API_KEY; local servers need none"
-    )
-    api.add_argument("--num_process", type=int, default=5, help="problems searched concurrently (default: 5)")
-    api.add_argument(
-        "--max_tokens", type=int, default=8192, help="max_tokens of each request (default: 8192)"
-    )
-    api.add_argument(
-        "--max_retries", type=int, default=5, help="retries of a failed request, with backoff (default: 5)"
-    )
-    api.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds before a request is retried (default: 600)"
-    )
+    add_api_args(parser, "reasons and verifies", num_process=5)
     add_prompt_args(parser)
     return parser.parse_args(argv)
 

@@ -16,6 +16,7 @@ appears in a repr, exception, log or saved file.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import contextvars
@@ -107,6 +108,39 @@ def server_root(base_url: str) -> str:
 def resolve_api_key(flag_value: str | None) -> str | None:
     """The --api_key flag, else OPENAI_API_KEY, else None (local servers need no key)."""
     return flag_value or os.environ.get("OPENAI_API_KEY") or None
+
+
+def add_api_args(parser: argparse.ArgumentParser, role: str, num_process: int) -> argparse._ArgumentGroup:
+    """Add the flags of an API stage (the original's names and defaults); `role` says what the model does."""
+    api = parser.add_argument_group("LLM API (any OpenAI-compatible server)")
+    api.add_argument("--model_name", default="gpt-4", help=f"model that {role} (default: gpt-4)")
+    api.add_argument(
+        "--api_url",
+        default="https://api.openai.com/v1/chat/completions",
+        help="base URL (http://127.0.0.1:8000/v1) or full chat-completions URL",
+    )
+    api.add_argument(
+        "--api_key", default=None, help="API key; defaults to OPENAI_API_KEY; local servers need none"
+    )
+    api.add_argument(
+        "--num_process",
+        type=int,
+        default=num_process,
+        help=f"items processed at once, as async tasks (default: {num_process})",
+    )
+    api.add_argument(
+        "--max_tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="max_tokens of each request (default: 8192)",
+    )
+    api.add_argument(
+        "--max_retries", type=int, default=5, help="retries of a failed request, with backoff (default: 5)"
+    )
+    api.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds before a request is retried (default: 600)"
+    )
+    return api
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
