@@ -65,7 +65,7 @@ from huatuo.ppo import (
     config_for_saving,
     ensure_pad_token,
     find_checkpoint,
-    plan_batches,
+    plan_for,
 )
 from huatuo.reward import RewardFunction
 from huatuo.store import save_args
@@ -229,16 +229,7 @@ def main(args):
     if not train_set:
         raise InputError(f"{script_args.dataset_name}: no training problem left after filtering")
     if script_args.algorithm == "ppo":
-        plan_batches(
-            config.per_device_train_batch_size,
-            config.gradient_accumulation_steps,
-            config.num_mini_batches,
-            config.num_ppo_epochs,
-            config.local_rollout_forward_batch_size,
-            config.response_length,
-            config.total_episodes or int(config.num_train_epochs * len(train_set)),
-            state.num_processes,
-        )
+        plan_for(config, len(train_set), state.num_processes)
     run_args = {**vars(script_args), **vars(model_args), **config_for_saving(config)}
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -182,6 +182,20 @@ def plan_batches(
     return BatchPlan(local, local_mini, global_batch, updates, updates * num_ppo_epochs * num_mini_batches)
 
 
+def plan_for(config, num_examples: int, world_size: int) -> BatchPlan:
+    """plan_batches from a PPOConfig; without --total_episodes the run is num_train_epochs over the data."""
+    return plan_batches(
+        config.per_device_train_batch_size,
+        config.gradient_accumulation_steps,
+        config.num_mini_batches,
+        config.num_ppo_epochs,
+        config.local_rollout_forward_batch_size,
+        config.response_length,
+        config.total_episodes or int(config.num_train_epochs * num_examples),
+        world_size,
+    )
+
+
 def interval_in_updates(
     strategy: str, steps: float | None, num_updates: int, updates_per_epoch: int, flag: str
 ):
@@ -435,17 +449,7 @@ class PPOTrainer:
             mixed_precision="bf16" if config.bf16 else "no",
         )
         acc = self.accelerator
-        total = config.total_episodes or int(config.num_train_epochs * len(train_dataset))
-        self.plan = plan_batches(
-            config.per_device_train_batch_size,
-            config.gradient_accumulation_steps,
-            config.num_mini_batches,
-            config.num_ppo_epochs,
-            config.local_rollout_forward_batch_size,
-            config.response_length,
-            total,
-            acc.num_processes,
-        )
+        self.plan = plan_for(config, len(train_dataset), acc.num_processes)
         updates_per_epoch = math.ceil(len(train_dataset) / self.plan.global_batch_size)
         self.eval_every = interval_in_updates(
             config.eval_strategy, config.eval_steps, self.plan.num_updates, updates_per_epoch, "eval"
