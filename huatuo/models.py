@@ -80,5 +80,8 @@ def load_records(
     else:
         dataset = datasets.load_dataset(path, config, split=split)
     if columns is not None:
-        dataset = dataset.select_columns([c for c in columns if c in dataset.column_names])
+        for c in columns:  # absent keys become None, as for local JSON, so the rows are kept
+            if c not in dataset.column_names:
+                dataset = dataset.add_column(c, [None] * len(dataset))
+        dataset = dataset.select_columns(columns)
     return dataset

@@ -40,3 +40,15 @@ def test_format_and_local_loading(tmp_path):
     path.write_text('{"Question": "q1", "extra": {"a": 1}}\n{"Question": "q2", "extra": [1]}\n')
     ds = load_records(str(path), columns=["Question", "Response"])
     assert ds["Question"] == ["q1", "q2"] and ds["Response"] == [None, None]
+
+
+def test_local_parquet_keeps_its_rows_when_columns_are_absent(tmp_path):
+    import datasets
+
+    path = tmp_path / "items.parquet"
+    datasets.Dataset.from_list([{"Question": "q1", "other": 1}, {"Question": "q2", "other": 2}]).to_parquet(
+        str(path)
+    )
+    ds = load_records(str(path), columns=["Question", "Response"])
+    assert ds.column_names == ["Question", "Response"] and ds["Response"] == [None, None]
+    assert load_records(str(path), columns=["Response"])["Response"] == [None, None]
