@@ -177,10 +177,12 @@ def use_bf16() -> bool:
 
 def select_valid(dataset, source: str):
     """Keep items whose Question, Complex_CoT and Response are non-empty strings; warn once about the rest."""
+    if not len(dataset):
+        raise ValueError(f"{source}: no items to train on")
     columns = {
         key: dataset[key] if key in dataset.column_names else [None] * len(dataset) for key in SFT_KEYS
     }
-    if len(dataset) and all(all(columns[k][i] is None for k in SFT_KEYS) for i in range(len(dataset))):
+    if all(all(columns[k][i] is None for k in SFT_KEYS) for i in range(len(dataset))):
         raise ValueError(
             f"{source}: none of its {len(dataset)} items has any of the SFT keys {', '.join(SFT_KEYS)}; "
             "point --data_path at the output of the search stage or at medical-o1-reasoning-SFT"

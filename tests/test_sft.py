@@ -167,6 +167,24 @@ def test_file_without_sft_keys_fails_before_the_model_loads(tmp_path, tiny_model
         SFT_stage1.main(args)
 
 
+def test_parquet_without_sft_keys_fails_before_the_model_loads(tmp_path, tiny_models):
+    import datasets
+
+    data = tmp_path / "mcq.parquet"
+    datasets.Dataset.from_list([{"question": "q", "answer": "a"}]).to_parquet(str(data))
+    args = _run_args(tiny_models, data, tmp_path)
+    args.model_path = str(tmp_path / "no_such_model")
+    with pytest.raises(ValueError, match="none of its 1 items has any of the SFT keys"):
+        SFT_stage1.main(args)
+
+
+def test_empty_data_fails_clearly(tmp_path, tiny_models):
+    data = tmp_path / "empty.json"
+    data.write_text("[]")
+    with pytest.raises(ValueError, match="no items"):
+        SFT_stage1.main(_run_args(tiny_models, data, tmp_path))
+
+
 def test_bad_items_are_counted_and_skipped_with_one_warning(tmp_path, caplog):
     from huatuo.models import load_records
 
