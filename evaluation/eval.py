@@ -494,6 +494,11 @@ def main(args: argparse.Namespace) -> dict:
         data = {s: data[s] for s in args.sources}
     if args.limit:
         data = {s: items[: args.limit] for s, items in data.items()}
+    empty = [s for s, items in data.items() if not items]
+    if empty:
+        raise SystemExit(
+            f"error: {args.eval_file}: source {empty[0]!r} has no items; leave it out with --sources"
+        )
 
     # The chat API needs no tokenizer here unless prompts are cut to --max_tokens.
     tokenizer = load_tokenizer(args.model_name) if args.api != "chat" or args.max_tokens > 0 else None

@@ -217,6 +217,13 @@ def test_bad_eval_files_name_the_item(tmp_path):
         argv = ["--model_name", "m", "--eval_file", str(path), "--api", "chat", "--output_dir", str(tmp_path)]
         with pytest.raises(SystemExit, match=pattern):
             ev.main(ev.parse_args(argv))
+    # An empty source would leave its accuracies without a denominator; it is refused before any request.
+    path = tmp_path / "empty source.json"
+    path.write_text(json.dumps({"S3": [good], "S4": []}))
+    argv = ["--model_name", "m", "--eval_file", str(path), "--api", "chat", "--output_dir", str(tmp_path)]
+    argv += ["--base_url", "http://127.0.0.1:9/v1", "--wait_timeout", "1"]
+    with pytest.raises(SystemExit, match="'S4'.*has no items"):
+        ev.main(ev.parse_args(argv))
     with pytest.raises(SystemExit, match="no source"):
         ev.main(
             ev.parse_args(
