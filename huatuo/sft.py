@@ -30,6 +30,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 
+from huatuo.report import read_jsonl
+
 IGNORE_INDEX = -100
 STATE_FILE = "trainer_state.json"
 MODEL_SUBDIR = "tfmr"
@@ -86,13 +88,10 @@ def truncate_metrics(path, last_step: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line)["step"] <= last_step
-    ]
+    # read_jsonl drops a last line cut short by the kill that interrupted the run
+    kept = [row for row in read_jsonl(path) if row["step"] <= last_step]
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -15,7 +15,13 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import SFT_stage1
 from huatuo.models import format_thinking_response
-from huatuo.sft import IGNORE_INDEX, latest_checkpoint, list_checkpoints, rotate_checkpoints
+from huatuo.sft import (
+    IGNORE_INDEX,
+    latest_checkpoint,
+    list_checkpoints,
+    rotate_checkpoints,
+    truncate_metrics,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo_data.json"
@@ -299,6 +305,13 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
             (tmp_path / name / "trainer_state.json").write_text("{}")
     rotate_checkpoints(tmp_path, max_ckpts=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1-20", "checkpoint-2-30"]
+
+
+def test_resume_truncates_metrics_cut_short_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.')
+    truncate_metrics(path, last_step=1)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1, "loss": 2.0}]
 
 
 def test_packed_rows_give_the_padded_loss_without_cross_example_attention(tiny_models, tokenizer):
