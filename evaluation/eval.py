@@ -363,12 +363,14 @@ def score_item(item: dict, replies: list[dict], known: dict | None = None) -> di
     last = majority([r.last for r in results])
     first = majority([r.first for r in results])
     rules = Counter(r.rule for r in results if r.rule is not None)
+    # The scorer names options by upper-case letter whatever the case of the file's keys.
+    key = item["answer_idx"].strip().upper()
     return {
         "pred": last,
         "pred_first": first,
         "rule": rules.most_common(1)[0][0] if rules else None,
-        "correct": last == item["answer_idx"],
-        "correct_first": first == item["answer_idx"],
+        "correct": last == key,
+        "correct_first": first == key,
         "failed": not texts,
         "failures": len(replies) - len(texts),
         "empty": sum(not t.strip() for t in texts),

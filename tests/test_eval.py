@@ -199,6 +199,17 @@ def test_prompt_truncation_keeps_question_and_options(tiny_models):
     assert "The answer is X." in strict and "The answer is X." not in full
 
 
+def test_lower_case_option_keys_are_scored():
+    item = {
+        "question": "q",
+        "options": {"a": "aspirin", "b": "heparin"},
+        "answer_idx": "b",
+        "answer": "heparin",
+    }
+    replies = [{"id": "x", "output": "The answer is B."}]
+    assert ev.score_item(item, replies)["correct"] and ev.score_item(item, replies)["correct_first"]
+
+
 def test_bad_eval_files_name_the_item(tmp_path):
     good = sample_items()["MedQA_USLME_test"][0]
     cases = {
