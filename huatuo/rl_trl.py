@@ -14,9 +14,10 @@ report_to, run_name, seed, ...) are copied as they are:
     response_length   -> max_completion_length      temperature    -> temperature
     kl_coef           -> beta (KL penalty weight)   num_ppo_epochs -> num_iterations
     cliprange         -> epsilon                    num_generations (group size per prompt, default 4)
-    total_episodes    -> max_steps = ceil(total_episodes / (per_device_train_batch_size
+    total_episodes    -> max_steps = ceil(total_episodes * num_iterations / (per_device_train_batch_size
                          * gradient_accumulation_steps * world size)); an episode is one sampled response,
-                         as in PPO, so the three algorithms spend the same generation budget
+                         as in PPO, and TRL reuses each sampled batch for num_iterations optimizer steps, so
+                         the three algorithms spend the same generation budget
     rollout_backend "vllm" -> use_vllm (colocated with training)
 
 Besides TRL's own metrics (reward, kl, entropy, clip ratios, completion lengths), every log carries the
@@ -143,7 +144,10 @@ def trl_config(algorithm: str, args, world_size: int | None = None, evaluate: bo
         fields["vllm_mode"] = "colocate"
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     if getattr(args, "total_episodes", None):
-        fields["max_steps"] = math.ceil(args.total_episodes / per_step)
+        # TRL samples once every num_iterations optimizer steps, so each step consumes per_step / num_iterations
+        # fresh responses.
+        iterations = fields.get("num_iterations") or config_class.num_iterations
+        fields["max_steps"] = math.ceil(args.total_episodes * iterations / per_step)
     # Transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on the old name, which
     # the seed commands (and TRL's own default, on) still use.
     for old, new in (

@@ -203,7 +203,9 @@ def test_flag_mapping_and_batch_checks():
     config = trl_config("grpo", args, world_size=8)
     assert (config.max_completion_length, config.temperature, config.beta) == (1300, 0.5, 0.03)
     assert (config.num_iterations, config.epsilon, config.num_generations) == (3, 0.2, 8)
-    assert config.max_steps == 157  # ceil(20000 / (1 * 16 * 8))
+    # TRL trains num_iterations (3) optimizer steps on each sampled batch: 20000 episodes sampled need
+    # ceil(20000 * 3 / (1 * 16 * 8)) steps
+    assert config.max_steps == 469
     assert config.save_steps == 20 and config.hub_token is None
     assert config.activation_checkpointing and config.gradient_checkpointing
     assert (
