@@ -188,6 +188,8 @@ class SFTStage1Trainer(SFTTrainer):
         self._save_optimizer_and_scheduler(str(folder))
         self._save_scaler(str(folder))
         self._save_rng_state(str(folder))
+        # Every process writes its RNG state (and ZeRO shards) here; mark the folder complete after all have.
+        self.accelerator.wait_for_everyone()
         if self.args.should_save:
             for cb in self.callback_handler.callbacks + [self.control]:
                 if isinstance(cb, ExportableState):
