@@ -95,10 +95,6 @@ class ItemStore:
         return [self.load(i) for i in sorted(self.done_ids(), key=_sort_key)]
 
 
-def status_counts(records: Iterable[dict]) -> Counter:
-    return Counter(r.get("status", KEPT) for r in records)
-
-
 async def run_all(
     items: list[dict],
     worker: Callable[[dict], Awaitable[dict]],
