@@ -496,6 +496,8 @@ def main(args: argparse.Namespace) -> dict:
         data = {s: data[s] for s in args.sources}
     if args.limit:
         data = {s: items[: args.limit] for s, items in data.items()}
+    if not data:
+        raise SystemExit(f"error: {args.eval_file} holds no sources")
     empty = [s for s, items in data.items() if not items]
     if empty:
         raise SystemExit(

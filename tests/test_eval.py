@@ -235,6 +235,9 @@ def test_bad_eval_files_name_the_item(tmp_path):
     argv += ["--base_url", "http://127.0.0.1:9/v1", "--wait_timeout", "1"]
     with pytest.raises(SystemExit, match="'S4'.*has no items"):
         ev.main(ev.parse_args(argv))
+    path.write_text("{}")
+    with pytest.raises(SystemExit, match="holds no sources"):
+        ev.main(ev.parse_args(argv))
     with pytest.raises(SystemExit, match="no source"):
         ev.main(
             ev.parse_args(
