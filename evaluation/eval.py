@@ -462,7 +462,12 @@ def output_name(args: argparse.Namespace) -> str:
 
 
 def safe_id(source: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", source)
+    """The source's name as part of a reply's file name; names that had to change get a digest, so
+    that two sources ("医学" and "药学") never share their replies' files."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", source)
+    if safe != source:
+        safe += "-" + hashlib.sha256(source.encode()).hexdigest()[:8]
+    return safe
 
 
 def check_settings(replies_dir: Path, settings: dict) -> None:

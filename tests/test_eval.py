@@ -199,6 +199,25 @@ def test_prompt_truncation_keeps_question_and_options(tiny_models):
     assert "The answer is X." in strict and "The answer is X." not in full
 
 
+def test_sources_with_non_ascii_names_keep_their_own_replies(tmp_path):
+    def item(question, answer_idx):
+        return {
+            "question": question,
+            "options": {"A": "x", "B": "y"},
+            "answer_idx": answer_idx,
+            "answer": "x",
+        }
+
+    path = tmp_path / "zh.json"
+    path.write_text(json.dumps({"医学": [item("q1", "A")], "药学": [item("q2", "B")]}, ensure_ascii=False))
+    reply = {"q1": "答案是A", "q2": "答案是B"}
+    with StubServer(lambda body: reply[prompt_of(body).split("\n\n")[1]]) as server:
+        argv = ["--model_name", "m", "--eval_file", str(path), "--base_url", server.base_url, "--api", "chat"]
+        summary = ev.main(ev.parse_args([*argv, "--output_dir", str(tmp_path / "out")]))
+        assert len(server.bodies()) == 2
+    assert [m["correct"] for m in summary["sources"].values()] == [1, 1]
+
+
 def test_lower_case_option_keys_are_scored():
     item = {
         "question": "q",
