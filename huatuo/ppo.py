@@ -926,14 +926,20 @@ class PPOTrainer:
             )
         self.accelerator.load_state(str(checkpoint / "state"))
         self.update = int(state["update"])
-        # the run that crashed may have logged updates past this checkpoint; they are redone now
+        # the run that crashed may have logged updates past this checkpoint (they are redone now), and a kill
+        # during an append leaves a torn last line
         if self.accelerator.is_main_process and self.metrics_path.exists():
-            kept = [
-                line
-                for line in self.metrics_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("update", 0) <= self.update
-            ]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = []
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("update", 0) <= self.update:
+                    kept.append(line)
+            partial = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+            partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(partial, self.metrics_path)
 
     # ------------------------------------------------------------------ main loop
     def train(self, resume_from: Path | None = None) -> dict[str, float]:

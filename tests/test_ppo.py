@@ -396,9 +396,10 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     checkpointing = dict(save_strategy="steps", save_steps=1, save_total_limit=1, num_ppo_epochs=1)
     run_toy(interrupted, 2, toy_models(), **checkpointing)
     assert sorted(p.name for p in interrupted.glob("checkpoint-*")) == ["checkpoint-2"]
-    # ... whose log holds an update the checkpoint never saw, as after a crash
+    # ... whose log holds an update the checkpoint never saw, as after a crash, and a line torn by the kill
     with open(interrupted / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"update": 3, "objective/scores": -1}) + "\n")
+        f.write('{"update": 4, "objective/sco')
 
     # ... resumed to 3 updates with the policy and value model starting from other weights (the checkpoint
     # replaces them) and the reference from the original ones: the same weights as the straight run
