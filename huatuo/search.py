@@ -26,7 +26,8 @@ class ParseError(ValueError):
 
 def extract_json_object(text):
     """The first JSON object in `text`: the whole reply, a ```json fenced block, or the span from the
-    first "{" to the last "}" (models often wrap the object in a sentence)."""
+    first "{" to the last "}" (models often wrap the object in a sentence). Raw line breaks inside
+    strings are accepted: models asked for multi-paragraph text often write them unescaped."""
     candidates = [text.strip()]
     candidates += [m.strip() for m in _FENCE.findall(text)]
     start, end = text.find("{"), text.rfind("}")
@@ -34,7 +35,7 @@ def extract_json_object(text):
         candidates.append(text[start : end + 1])
     for candidate in candidates:
         try:
-            obj = json.loads(candidate)
+            obj = json.loads(candidate, strict=False)
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict):

@@ -151,6 +151,8 @@ def test_parse_cot_checks_the_closing_actions():
         with pytest.raises(ParseError):
             parse_cot(bad)
     assert parse_natural_reasoning('{"NaturalReasoning": "hmm\\nok"}') == "hmm\nok"
+    # An unescaped line break inside the string, as models often write multi-paragraph text.
+    assert parse_natural_reasoning('{"NaturalReasoning": "hmm.\n\nWait, ok"}') == "hmm.\n\nWait, ok"
     with pytest.raises(ParseError):
         parse_natural_reasoning('{"NaturalReasoning": ""}')
 
