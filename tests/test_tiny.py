@@ -52,3 +52,16 @@ def test_local_parquet_keeps_its_rows_when_columns_are_absent(tmp_path):
     ds = load_records(str(path), columns=["Question", "Response"])
     assert ds.column_names == ["Question", "Response"] and ds["Response"] == [None, None]
     assert load_records(str(path), columns=["Response"])["Response"] == [None, None]
+
+
+def test_malformed_local_json_names_the_file_and_line(tmp_path):
+    import pytest
+
+    path = tmp_path / "items.jsonl"
+    path.write_text('{"Question": "q1"}\n{"Question": \n{"Question": "q3"}\n')
+    with pytest.raises(ValueError, match=r"items\.jsonl:2: not a JSON line"):
+        load_records(str(path))
+    path = tmp_path / "items.json"
+    path.write_text('[{"Question": "q1"},')
+    with pytest.raises(ValueError, match=r"items\.json: not valid JSON"):
+        load_records(str(path))
