@@ -298,8 +298,8 @@ def main(args):
     state_dir, metrics_path = output_dir / STATE_DIR, output_dir / "verifier_metrics.jsonl"
     start_epoch = 0
     if (state_dir / "epoch.json").is_file():
-        accelerator.load_state(state_dir)
         start_epoch = json.loads((state_dir / "epoch.json").read_text())["epochs_done"]
+        accelerator.load_state(state_dir / f"epoch-{start_epoch}")
         accelerator.print(f"resuming from {state_dir} after epoch {start_epoch}")
     if accelerator.is_main_process:
         save_args(output_dir / "train_verifier_args.json", args)
@@ -334,9 +334,13 @@ def main(args):
                 f"eval_{k}": v for k, v in evaluate(model, eval_loader, accelerator, args.threshold).items()
             }
         log(epoch + 1, metrics)
-        accelerator.save_state(state_dir)
+        # Each epoch's state goes to a folder of its own, named in epoch.json only once every process has
+        # written its part: a kill during the save leaves the previous epoch's state whole.
+        accelerator.save_state(state_dir / f"epoch-{epoch + 1}")
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_json_atomic(state_dir / "epoch.json", {"epochs_done": epoch + 1})
+            shutil.rmtree(state_dir / f"epoch-{epoch}", ignore_errors=True)
 
     # ------------------------------------------------------------------ save
     accelerator.wait_for_everyone()

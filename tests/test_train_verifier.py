@@ -3,6 +3,7 @@ whose output works as --reward_model_path, interrupted and resumed."""
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from accelerate.state import AcceleratorState
@@ -112,7 +113,8 @@ def toy_pairs(n, seed):
     ]
 
 
-def test_training_beats_chance_resumes_and_serves_as_reward_model(tiny_models, tmp_path, monkeypatch, capsys):
+def toy_run(tiny_models, tmp_path):
+    """(argv, output folder, prompt folder) of a 2-epoch run on the separable toy pairs."""
     # A short verifier prompt keeps the tiny model's sequences short; --prompt_dir is how users swap it too.
     prompt_dir = tmp_path / "prompts"
     prompt_dir.mkdir()
@@ -130,6 +132,11 @@ def test_training_beats_chance_resumes_and_serves_as_reward_model(tiny_models, t
         "--gradient_accumulation_steps", "1",
         "--eval_fraction", "0.25",
     ]  # fmt: skip
+    return argv, out, prompt_dir
+
+
+def test_training_beats_chance_resumes_and_serves_as_reward_model(tiny_models, tmp_path, monkeypatch, capsys):
+    argv, out, prompt_dir = toy_run(tiny_models, tmp_path)
 
     # Kill the first run right after its first epoch is recorded as done.
     write_json_atomic = train_verifier.write_json_atomic
@@ -162,3 +169,28 @@ def test_training_beats_chance_resumes_and_serves_as_reward_model(tiny_models, t
     rewards = rf(responses, [p["reference"] for p in fresh])
     hits = sum((r == 1.0) == p["label"] for r, p in zip(rewards, fresh, strict=True))
     assert hits / len(fresh) > 0.8
+
+
+def test_a_kill_while_saving_an_epoch_keeps_the_previous_one(tiny_models, tmp_path, monkeypatch, capsys):
+    argv, out, _ = toy_run(tiny_models, tmp_path)
+    save_state = train_verifier.Accelerator.save_state
+    calls = []
+
+    def torn_second_save(self, output_dir, *args, **kwargs):
+        """The second epoch's save is killed half way: its files are left empty."""
+        save_state(self, output_dir, *args, **kwargs)
+        calls.append(output_dir)
+        if len(calls) == 2:
+            for path in Path(output_dir).iterdir():
+                path.write_bytes(b"")
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_verifier.Accelerator, "save_state", torn_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        main(parse_args(argv))
+    monkeypatch.setattr(train_verifier.Accelerator, "save_state", save_state)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    main(parse_args(argv))
+    assert "after epoch 1" in capsys.readouterr().out
+    assert (out / "config.json").exists() and not (out / train_verifier.STATE_DIR).exists()
