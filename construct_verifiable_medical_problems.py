@@ -214,8 +214,7 @@ def main(args):
             sources = load_eval_file(args.decontaminate, {"question": MCQ["question"]})
             eval_questions = [it["question"] for its in sources.values() for it in its]
             decontaminator = Decontaminator(eval_questions)
-        if resolve_api_key(args.api_key) is None and "api.openai.com" in api_url:
-            raise ValueError(f"{api_url} needs a key: set OPENAI_API_KEY or pass --api_key")
+        api_key = resolve_api_key(args.api_key, api_url)
         if args.max_parse_retries < 0 or args.num_process < 1:
             raise ValueError("--max_parse_retries must be >= 0 and --num_process >= 1")
         if not 0.0 <= args.keep_mcq_fraction <= 1.0:
@@ -245,9 +244,7 @@ def main(args):
             backoff_base=args.backoff_base,
             stats=stats,
         )
-        llm = LLMClient(
-            api_url, args.model_name, resolve_api_key(args.api_key), max_tokens=args.max_tokens, **common
-        )
+        llm = LLMClient(api_url, args.model_name, api_key, max_tokens=args.max_tokens, **common)
         small = [
             LLMClient(
                 url, model, args.difficulty_api_key, max_tokens=args.max_tokens, temperature=0.0, **common

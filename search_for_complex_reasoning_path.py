@@ -240,6 +240,7 @@ def main(args):
         items, passed_over = load_problems(args.data_path, args.limit_num)
         prompts = {name: load_prompt(name, args.language, args.prompt_dir) for name in PROMPTS}
         api_url = normalize_api_url(args.api_url)
+        api_key = resolve_api_key(args.api_key, api_url)
         if args.max_search_attempts < 1 or args.max_search_depth < 0:
             raise ValueError("--max_search_attempts must be >= 1 and --max_search_depth >= 0")
         if args.max_parse_retries < 0 or args.num_process < 1:
@@ -262,7 +263,7 @@ def main(args):
         llm = LLMClient(
             api_url,
             args.model_name,
-            resolve_api_key(args.api_key),
+            api_key,
             concurrency=args.num_process,
             max_retries=args.max_retries,
             timeout=args.timeout,

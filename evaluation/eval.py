@@ -537,7 +537,6 @@ def main(args: argparse.Namespace) -> dict:
     }
 
     base_url = normalize_api_url(args.base_url or f"http://127.0.0.1:{args.port}/v1")
-    api_key = resolve_api_key(args.api_key)
     output_dir = Path(args.output_dir)
     name = output_name(args)
     store = ItemStore(output_dir / f"{name}_replies")
@@ -575,6 +574,10 @@ def main(args: argparse.Namespace) -> dict:
     missing = sum(job["id"] not in done for job in jobs)
     served = args.model_name
     if missing:
+        try:
+            api_key = resolve_api_key(args.api_key, base_url)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
         print(f"{missing} of {len(jobs)} replies to ask for from {base_url} ({args.api} API)")
 
         async def ask_all():

@@ -105,9 +105,13 @@ def server_root(base_url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "", "", ""))
 
 
-def resolve_api_key(flag_value: str | None) -> str | None:
-    """The --api_key flag, else OPENAI_API_KEY, else None (local servers need no key)."""
-    return flag_value or os.environ.get("OPENAI_API_KEY") or None
+def resolve_api_key(flag_value: str | None, api_url: str | None = None) -> str | None:
+    """The --api_key flag, else OPENAI_API_KEY, else None (local servers need no key). Without a key,
+    OpenAI's own API is a ValueError, raised before any request rather than a 401 on every item."""
+    key = flag_value or os.environ.get("OPENAI_API_KEY") or None
+    if key is None and api_url is not None and "api.openai.com" in api_url:
+        raise ValueError(f"{api_url} needs a key: set OPENAI_API_KEY or pass --api_key")
+    return key
 
 
 def add_api_args(parser: argparse.ArgumentParser, role: str, num_process: int) -> argparse._ArgumentGroup:

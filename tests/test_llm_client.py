@@ -72,6 +72,9 @@ def test_resolve_api_key_prefers_flag_then_env(monkeypatch):
     assert resolve_api_key(None) == "from-env"
     monkeypatch.delenv("OPENAI_API_KEY")
     assert resolve_api_key(None) is None
+    assert resolve_api_key(None, "http://127.0.0.1:8000/v1") is None
+    with pytest.raises(ValueError, match="needs a key"):
+        resolve_api_key(None, "https://api.openai.com/v1")
 
 
 def test_chat_and_complete_speak_the_protocol():

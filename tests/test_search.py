@@ -381,6 +381,15 @@ def test_bad_input_fails_clearly_before_any_call_and_writes_nothing(tmp_path, co
     assert not (tmp_path / "out").exists()
 
 
+def test_openai_without_a_key_fails_before_writing(tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    data = write_problems(tmp_path / "problems.json", 1)
+    argv = ["--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="needs a key: set OPENAI_API_KEY"):
+        main(parse_args([*argv, "--api_url", "https://api.openai.com/v1/chat/completions"]))
+    assert not (tmp_path / "out").exists()
+
+
 def test_failed_requests_are_recorded_and_the_key_is_written_nowhere(tmp_path):
     key = "sk-test-0123456789abcdef"
     faults = {2: Fault("status", status=400, message=f"invalid request for {key}")}
