@@ -218,6 +218,25 @@ def test_sources_with_non_ascii_names_keep_their_own_replies(tmp_path):
     assert [m["correct"] for m in summary["sources"].values()] == [1, 1]
 
 
+def test_the_key_is_sent_but_written_nowhere(tmp_path):
+    key = "sk-eval-5e0b-never-written"
+
+    def reply(body):
+        if "Koplik spots" in prompt_of(body):
+            return Fault("status", status=400, message=f"bad request for key {key}")
+        return "The answer is A."
+
+    with StubServer(reply) as server:
+        summary = run_eval(server, tmp_path, "--api_key", key, "--sources", "MedMCQA_validation")
+        headers = {
+            r["headers"].get("Authorization") for r in server.requests if r["path"].endswith("completions")
+        }
+    assert headers == {f"Bearer {key}"}
+    assert summary["sources"]["MedMCQA_validation"]["failed_items"] == 1
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) > 3 and all(key not in p.read_text(encoding="utf-8") for p in files)
+
+
 def test_lower_case_option_keys_are_scored():
     item = {
         "question": "q",
