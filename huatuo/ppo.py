@@ -903,9 +903,14 @@ class PPOTrainer:
                     {"update": self.update, "episode": self.update * self.plan.global_batch_size}, indent=2
                 )
             )
-            if final.exists():
-                shutil.rmtree(final)
+            stale = self.output_dir / f"stale-checkpoint-{self.update}"
+            shutil.rmtree(stale, ignore_errors=True)
+            if (
+                final.exists()
+            ):  # a rerun reaching a saved update: the old copy goes once the new one is in place
+                final.rename(stale)
             tmp.rename(final)
+            shutil.rmtree(stale, ignore_errors=True)
             self._rotate_checkpoints()
         acc.wait_for_everyone()
         return final

@@ -4,6 +4,7 @@ resume, and the seed's command line scaled down on the tiny policy, value model 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -411,6 +412,27 @@ def test_resume_continues_exactly_where_the_run_stopped(tmp_path):
     expected, got = final_weights(straight), final_weights(interrupted)
     for name, tensor in expected.items():
         assert torch.allclose(tensor, got[name], atol=1e-6), name
+
+
+def test_a_kill_while_replacing_a_checkpoint_leaves_one_to_resume_from(tmp_path, monkeypatch):
+    checkpointing = dict(save_strategy="steps", save_steps=1, save_total_limit=1, num_ppo_epochs=1)
+    run_toy(tmp_path, 2, toy_models(), **checkpointing)
+    # A rerun of the finished run saves checkpoint-2 again and is killed while an old copy is being deleted.
+    rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.endswith("checkpoint-2") and path.is_dir():
+            rmtree(path / "state")
+            raise KeyboardInterrupt
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        run_toy(tmp_path, 2, toy_models(), resume=True, **checkpointing)
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    run_toy(tmp_path, 3, toy_models(), resume=True, **checkpointing)
+    assert [m["update"] for m in read_metrics(tmp_path)] == [1, 2, 3]
 
 
 # ------------------------------------------------------------------------------------------------
