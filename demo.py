@@ -168,6 +168,9 @@ class Demo:
             HF_HUB_OFFLINE="1",
             WANDB_MODE="offline",
             TOKENIZERS_PARALLELISM="false",
+            # Sized for a CPU; on a GPU machine configs/cpu.yaml's second process would claim cuda:1,
+            # which a one-GPU machine lacks.
+            CUDA_VISIBLE_DEVICES="",
         )
 
     def stage_dir(self, stage: str) -> Path:
