@@ -897,6 +897,8 @@ class PPOTrainer:
         self.save_model(tmp)
         if not self.args.save_only_model:
             acc.save_state(str(tmp / "state"))
+            # every process writes its own RNG state (and ZeRO shards) there: all must finish before the rename
+            acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(
                 json.dumps(
