@@ -27,7 +27,6 @@ import logging
 import os
 from pathlib import Path
 
-import pyarrow
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
@@ -265,12 +264,7 @@ def main(args):
     os.environ.setdefault("WANDB_PROJECT", "huatuo-o1")
 
     # ------------------------------------------------------------------ load
-    try:
-        records = load_records(args.data_path, args.data_config, args.data_split, columns=list(SFT_KEYS))
-    except pyarrow.ArrowException as err:
-        raise ValueError(
-            f"{args.data_path}: {', '.join(SFT_KEYS)} must hold text in every item ({err})"
-        ) from None
+    records = load_records(args.data_path, args.data_config, args.data_split, columns=list(SFT_KEYS))
     records = select_valid(records, args.data_path)
     if not args.resume and list_checkpoints(run_dir, complete_only=False):
         raise ValueError(

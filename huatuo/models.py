@@ -60,6 +60,22 @@ def _read_local_json(path: Path) -> list[dict]:
     return data
 
 
+def _first_mixed_type(records: list) -> str:
+    """The first item whose field holds another kind of value than an earlier item's (what Arrow refuses)."""
+    seen = {}
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            return f"item {index} is {type(record).__name__}, not an object"
+        for key, value in record.items():
+            if value is None:
+                continue
+            kind = "number" if isinstance(value, (int, float)) else type(value).__name__
+            first_kind, first_index = seen.setdefault(key, (kind, index))
+            if kind != first_kind:
+                return f"item {index} field {key!r} holds {kind} where item {first_index} holds {first_kind}"
+    return "values of mixed types"
+
+
 def load_records(
     path: str, config: str | None = None, split: str = "train", columns: list[str] | None = None
 ):
@@ -70,13 +86,17 @@ def load_records(
     irregular extra fields from Arrow's schema inference.
     """
     import datasets
+    import pyarrow
 
     local = Path(path)
     if local.is_file() and local.suffix in (".json", ".jsonl"):
         records = _read_local_json(local)
         if columns is not None:
             records = [{k: r.get(k) for k in columns} if isinstance(r, dict) else r for r in records]
-        return datasets.Dataset.from_list(records)
+        try:
+            return datasets.Dataset.from_list(records)
+        except pyarrow.ArrowException as err:
+            raise ValueError(f"{path}: {_first_mixed_type(records)} ({err})") from None
     if local.is_file() and local.suffix == ".parquet":
         dataset = datasets.load_dataset("parquet", data_files=str(local), split="train")
     elif local.is_dir() and any(

@@ -223,7 +223,7 @@ def test_non_text_field_fails_clearly(tmp_path, tiny_models):
             ]
         )
     )
-    with pytest.raises(ValueError, match="must hold text"):
+    with pytest.raises(ValueError, match="item 1 field 'Response' holds number where item 0 holds str"):
         SFT_stage1.main(_run_args(tiny_models, data, tmp_path))
 
 
