@@ -482,6 +482,42 @@ def test_seed_command_end_to_end_on_tiny_models(tiny_models, tmp_path):
     assert value.config.num_labels == 1
 
 
+def test_two_processes_split_each_update_and_resume(tiny_models, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rolls out half of every update, evaluation covers the
+    held-out split once across both, and a checkpoint holds both processes' RNG state for resume."""
+    items = [
+        {QUESTION: f"Which vitamin deficiency causes sign {i}?", ANSWER: f"vitamin {i}"} for i in range(30)
+    ]
+    data = write_problems(tmp_path / "problems.json", items)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(ROOT / "RL_stage2.py"), "--model_name_or_path", str(tiny_models["policy"]),
+        "--value_model_path", str(tiny_models["value"]), "--reward_model_path", "rule", "--dataset_name", str(data),
+        "--output_dir", str(out), "--response_length", "6", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "2", "--local_rollout_forward_batch_size", "4", "--save_strategy", "steps",
+        "--save_steps", "1", "--save_total_limit", "1", "--eval_strategy", "steps", "--eval_steps", "1",
+        "--num_sample_generations", "-1", "--report_to", "none",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    for episodes in ("16", "32"):
+        resume = ["--resume_from_checkpoint", "latest"] if episodes == "32" else []
+        result = subprocess.run(
+            [*command, "--total_episodes", episodes, *resume],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        if episodes == "16":
+            state = out / "checkpoint-2" / "state"
+            assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in state.iterdir()}
+
+    # 2 processes x 2 x 2 = 8 prompts per update; 3 held-out problems (10% of 30) shared by the processes
+    metrics = read_metrics(out)
+    assert [(m["update"], m["episode"]) for m in metrics] == [(1, 8), (2, 16), (3, 24), (4, 32)]
+    assert all(m["eval/count"] == 3 for m in metrics)
+    assert len((out / "samples" / "update-4.jsonl").read_text().splitlines()) == 3
+
+
 def test_grpo_runs_through_the_stage_script(tiny_models, tmp_path):
     items = [
         {QUESTION: f"Which vitamin deficiency causes sign {i}?", ANSWER: f"vitamin {i}"} for i in range(10)
