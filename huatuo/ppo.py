@@ -337,11 +337,11 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def right_pad(sequences: list[torch.Tensor], pad_id: int, width: int | None = None) -> torch.Tensor:
-    width = width if width is not None else max(int(s.shape[-1]) for s in sequences)
+def right_pad(sequences: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    width = max(int(s.shape[-1]) for s in sequences)
     out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for row, seq in enumerate(sequences):
-        out[row, : seq.shape[-1]] = seq[:width]
+        out[row, : seq.shape[-1]] = seq
     return out
 
 
