@@ -46,7 +46,12 @@ class VerifierOnEveryResponse:
 
 def main(args):
     torch.manual_seed(0)
-    work = Path(tempfile.mkdtemp(prefix="bench_ppo_"))
+    # the tiny models and the run folder are scratch: removed when the bench ends
+    with tempfile.TemporaryDirectory(prefix="bench_ppo_") as scratch:
+        run(args, Path(scratch))
+
+
+def run(args, work: Path):
     paths = build_tiny_models(work / "models")
     tokenizer = AutoTokenizer.from_pretrained(paths["policy"], padding_side="left")
     problems = json.loads((ROOT / "data" / "demo_data.json").read_text(encoding="utf-8"))
