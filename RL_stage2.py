@@ -230,6 +230,13 @@ def main(args):
         raise InputError(f"{script_args.dataset_name}: no training problem left after filtering")
     if script_args.algorithm == "ppo":
         plan_for(config, len(train_set), state.num_processes)
+    else:
+        from huatuo.rl_trl import check_trl_batch
+
+        trl_args = argparse.Namespace(**{**vars(config), **vars(model_args), **vars(script_args)})
+        # TRL's reward function reads the "reference" column, which Trainer's default would strip
+        trl_args.remove_unused_columns = False
+        check_trl_batch(script_args.algorithm, trl_args, state.num_processes)
     run_args = {**vars(script_args), **vars(model_args), **config_for_saving(config)}
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -255,9 +262,6 @@ def main(args):
         def to_trl(rows):
             return Dataset.from_list([{"prompt": r["prompt"], "reference": r["reference"]} for r in rows])
 
-        trl_args = argparse.Namespace(**{**vars(config), **vars(model_args), **vars(script_args)})
-        # TRL's reward function reads the "reference" column, which Trainer's default would strip
-        trl_args.remove_unused_columns = False
         train_with_trl(script_args.algorithm, trl_args, to_trl(train_set), to_trl(eval_set), reward_fn)
         state.print(f"final model: {output_dir}")
         return

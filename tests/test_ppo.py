@@ -518,6 +518,18 @@ def test_two_processes_split_each_update_and_resume(tiny_models, tmp_path):
     assert len((out / "samples" / "update-4.jsonl").read_text().splitlines()) == 3
 
 
+def test_grpo_batch_mismatch_is_reported_before_any_model_loads(tiny_models, tmp_path):
+    data = write_problems(tmp_path / "problems.json", [{QUESTION: "Which vitamin?", ANSWER: "C"}] * 4)
+    argv = [
+        "--algorithm", "grpo", "--model_name_or_path", str(tiny_models["policy"]),
+        "--reward_model_path", str(tmp_path / "verifier_not_downloaded_yet"), "--dataset_name", str(data),
+        "--output_dir", str(tmp_path / "grpo"), "--per_device_train_batch_size", "1",
+        "--gradient_accumulation_steps", "3", "--num_generations", "4", "--report_to", "none",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="must be a multiple of --num_generations 4"):
+        RL_stage2.main(RL_stage2.parse_args(argv))
+
+
 def test_grpo_runs_through_the_stage_script(tiny_models, tmp_path):
     items = [
         {QUESTION: f"Which vitamin deficiency causes sign {i}?", ANSWER: f"vitamin {i}"} for i in range(10)
