@@ -933,20 +933,8 @@ class PPOTrainer:
             )
         self.accelerator.load_state(str(checkpoint / "state"))
         self.update = int(state["update"])
-        # the run that crashed may have logged updates past this checkpoint (they are redone now), and a kill
-        # during an append leaves a torn last line
-        if self.accelerator.is_main_process and self.metrics_path.exists():
-            kept = []
-            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("update", 0) <= self.update:
-                    kept.append(line)
-            partial = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
-            partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(partial, self.metrics_path)
+        if self.accelerator.is_main_process:
+            drop_logged_after(self.metrics_path, "update", self.update)
 
     # ------------------------------------------------------------------ main loop
     def train(self, resume_from: Path | None = None) -> dict[str, float]:
@@ -1067,6 +1055,24 @@ def find_checkpoint(resume_from: str | None, output_dir: str) -> Path | None:
             f"--resume_from_checkpoint {resume_from}: not a checkpoint folder (no trainer_state.json)"
         )
     return path
+
+
+def drop_logged_after(path: Path, key: str, last: int) -> None:
+    """Keep the lines of a metrics .jsonl logged at `key` <= last. A run resumed from a checkpoint redoes what
+    the crashed run logged after it; a kill during an append leaves a torn last line, dropped too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get(key, 0) <= last:
+            kept.append(line)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(partial, path)
 
 
 def config_for_saving(config: PPOConfig) -> dict:

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from huatuo.models import attn_implementation, ensure_chat_template
-from huatuo.ppo import find_checkpoint
+from huatuo.ppo import drop_logged_after, find_checkpoint
 from huatuo.reward import RewardFunction, reward_stats
 
 TRL_ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
@@ -79,10 +79,15 @@ def make_trl_reward(reward_fn: RewardFunction):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Append every log (train and eval) as one JSON line, on the main process only."""
+    """Append every log (train and eval) as one JSON line, on the main process only; a resumed run first
+    drops the lines logged after its checkpoint."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and state.global_step > 0:  # resumed
+            drop_logged_after(self.path, "step", state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:

@@ -167,6 +167,10 @@ def test_rloo_end_to_end_with_classifier_verifier_and_resume(warm_policy, tiny_m
         "rloo", stage2_args(total_episodes=16, **common), toy_dataset(16), toy_dataset(4, 100), reward_fn
     )
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # save_total_limit 1
+    with open(
+        out / "metrics.jsonl", "a"
+    ) as f:  # as if a crash had come after logging a step past the checkpoint
+        f.write(json.dumps({"step": 3, "reward": -1.0}) + "\n")
     # A second run with a larger budget picks up from checkpoint-2 instead of starting over.
     resumed = stage2_args(total_episodes=32, resume_from_checkpoint="latest", **common)
     train_with_trl("rloo", resumed, toy_dataset(16), toy_dataset(4, 100), reward_fn)
@@ -174,6 +178,7 @@ def test_rloo_end_to_end_with_classifier_verifier_and_resume(warm_policy, tiny_m
     logs = read_metrics(out / "metrics.jsonl")
     train_steps = [m["step"] for m in logs if "reward" in m]
     assert train_steps == [1, 2, 3, 4]
+    assert all(m["reward"] != -1.0 for m in logs if "reward" in m)
     evals = [m for m in logs if "eval_reward" in m]
     assert [m["step"] for m in evals] == [2, 4]
     assert all(0.0 <= m["eval_correct_rate"] <= m["eval_format_rate"] <= 1.0 for m in evals)
