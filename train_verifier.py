@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
 
 from huatuo.models import attn_implementation, bf16_supported
+from huatuo.ppo import drop_logged_after
 from huatuo.prompts import LANGUAGES, PromptError, load_prompt
 from huatuo.reward import load_reward_prompt, pad_batch, verifier_input_ids
 from huatuo.search import verdict
@@ -301,6 +302,8 @@ def main(args):
         start_epoch = json.loads((state_dir / "epoch.json").read_text())["epochs_done"]
         accelerator.load_state(state_dir / f"epoch-{start_epoch}")
         accelerator.print(f"resuming from {state_dir} after epoch {start_epoch}")
+        if accelerator.is_main_process:
+            drop_logged_after(metrics_path, "epoch", start_epoch)
     if accelerator.is_main_process:
         save_args(output_dir / "train_verifier_args.json", args)
 

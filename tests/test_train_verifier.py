@@ -193,4 +193,6 @@ def test_a_kill_while_saving_an_epoch_keeps_the_previous_one(tiny_models, tmp_pa
     AcceleratorState._reset_state(reset_partial_state=True)
     main(parse_args(argv))
     assert "after epoch 1" in capsys.readouterr().out
+    metrics = [json.loads(line) for line in (out / "verifier_metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1, 2]  # epoch 2, logged before the kill, is not doubled
     assert (out / "config.json").exists() and not (out / train_verifier.STATE_DIR).exists()
