@@ -266,6 +266,10 @@ def main(args):
         state.print(f"final model: {output_dir}")
         return
 
+    # Under `accelerate launch` with a ZeRO-3 config, parsing PPOConfig (a TrainingArguments) built a DeepSpeed
+    # plugin from the launcher's environment and registered its config with transformers for as long as
+    # `config` lives, so each from_pretrained below creates its model already partitioned (deepspeed.zero.Init)
+    # instead of materialising it whole in every process.
     model_kwargs = {"attn_implementation": attn_implementation()}
     policy = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=torch.float32, **model_kwargs

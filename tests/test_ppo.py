@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -516,6 +517,116 @@ def test_two_processes_split_each_update_and_resume(tiny_models, tmp_path):
     assert [(m["update"], m["episode"]) for m in metrics] == [(1, 8), (2, 16), (3, 24), (4, 32)]
     assert all(m["eval/count"] == 3 for m in metrics)
     assert len((out / "samples" / "update-4.jsonl").read_text().splitlines()) == 3
+
+
+ZERO3_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: true
+  zero3_save_16bit_model: true
+  zero_stage: 3
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 1
+use_cpu: true
+"""
+
+# Runs the stage script with a trainer that first records, for each model it is handed, whether every
+# parameter arrived as an empty ZeRO-3 partition and whether the gathered weights are the saved ones.
+PARTITION_PROBE = """\
+import json, sys
+sys.path.insert(0, {root!r})
+import deepspeed
+import torch
+from safetensors.torch import load_file
+import RL_stage2
+
+class RecordingTrainer(RL_stage2.PPOTrainer):
+    def __init__(self, config, tokenizer, policy, ref_policy, value_model, *args, **kwargs):
+        report = {{}}
+        for name, model in (("policy", policy), ("reference", ref_policy), ("value", value_model)):
+            saved = load_file(f"{{model.name_or_path}}/model.safetensors")
+            params = dict(model.named_parameters())
+            with deepspeed.zero.GatheredParameters(list(params.values())):
+                same = all(torch.equal(params[k].float(), v.float()) for k, v in saved.items())
+            report[name] = {{
+                "partitioned": all(p.numel() == 0 and p.ds_numel == saved[k].numel() for k, p in params.items()),
+                "weights_as_saved": same and set(params) == set(saved),
+            }}
+        with open({report!r}, "w") as f:
+            json.dump(report, f)
+        super().__init__(config, tokenizer, policy, ref_policy, value_model, *args, **kwargs)
+
+RL_stage2.PPOTrainer = RecordingTrainer
+RL_stage2.main(RL_stage2.parse_args())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_zero3_launch_loads_partitioned_models_trains_saves_and_resumes(tiny_models, tmp_path):
+    """accelerate launch with a ZeRO-3 config (1 CPU process): the policy, reference and value model are
+    created partitioned by from_pretrained (zero.Init), not materialised whole and split afterwards; the
+    run trains, writes full-weight Hugging Face checkpoints with ZeRO shards for resume, and resumes."""
+    items = [
+        {QUESTION: f"Which vitamin deficiency causes sign {i}?", ANSWER: f"vitamin {i}"} for i in range(20)
+    ]
+    data = write_problems(tmp_path / "problems.json", items)
+    (tmp_path / "zero3.yaml").write_text(ZERO3_CONFIG)
+    report = tmp_path / "loaded.json"
+    probe = tmp_path / "probe.py"
+    probe.write_text(PARTITION_PROBE.format(root=str(ROOT), report=str(report)))
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+        "--main_process_port", str(free_port()), str(probe),
+        "--model_name_or_path", str(tiny_models["policy"]), "--value_model_path", str(tiny_models["value"]),
+        "--reward_model_path", "rule", "--dataset_name", str(data), "--output_dir", str(out),
+        "--response_length", "6", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--local_rollout_forward_batch_size", "4", "--learning_rate", "1e-5", "--save_strategy", "steps",
+        "--save_steps", "1", "--save_total_limit", "1", "--eval_strategy", "steps", "--eval_steps", "1",
+        "--report_to", "none",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for episodes in ("8", "16"):
+        resume = ["--resume_from_checkpoint", "latest"] if episodes == "16" else []
+        report.unlink(missing_ok=True)
+        result = subprocess.run(
+            [*command, "--total_episodes", episodes, *resume],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        loaded = json.loads(report.read_text())
+        assert loaded == {
+            name: {"partitioned": True, "weights_as_saved": True} for name in ("policy", "reference", "value")
+        }
+        if episodes == "8":
+            assert (out / "checkpoint-2" / "state" / "pytorch_model").is_dir()  # the ZeRO shards
+
+    # 4 prompts per update: 2 updates, then 2 more after the resume (a fresh start would log 1 and 2 again)
+    assert [m["update"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    tokenizer = AutoTokenizer.from_pretrained(out / "checkpoint-4")
+    policy = AutoModelForCausalLM.from_pretrained(out / "checkpoint-4")
+    original = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    trained, start = policy.state_dict(), original.state_dict()
+    assert all(trained[k].shape == v.shape for k, v in start.items())
+    assert any(not torch.equal(trained[k], v) for k, v in start.items()), "the policy never changed"
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Which vitamin?"}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )  # fmt: skip
+    generated = policy.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 3
+    value = AutoModelForSequenceClassification.from_pretrained(out / "checkpoint-4" / "value")
+    assert value.config.num_labels == 1
 
 
 def test_grpo_batch_mismatch_is_reported_before_any_model_loads(tiny_models, tmp_path):
