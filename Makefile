@@ -17,6 +17,7 @@ demo: install
 	$(PYTHON) demo.py $(DEMO_ARGS)
 
 test: install
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -q tests
 
 bench: install
