@@ -13,6 +13,11 @@ Two nodes: configs/multi_node.yaml (set machine_rank and main_process_ip on each
 configs/deepspeed_zero2.yaml. One GPU or a CPU (tiny offline model: python -m huatuo.tiny --out_dir tiny_models):
     python SFT_stage1.py --model_path tiny_models/policy --data_path data/demo_data.json --packing
     accelerate launch --config_file configs/cpu.yaml SFT_stage1.py --model_path tiny_models/policy
+Under ZeRO-3 the model is created already partitioned (the SFTConfig exists before from_pretrained); each
+checkpoint gathers the full weights into tfmr/ (the config must set zero3_save_16bit_model) and keeps the ZeRO
+shards (global_step*/) beside it for --resume. CPU offload of the optimizer compiles DeepSpeed's CPUAdam op on
+first use (a minute or more); a build killed midway leaves a `lock` file in
+~/.cache/torch_extensions/*/cpu_adam/ that makes every later run wait for it: delete that folder to rebuild.
 Resume an interrupted run (same flags plus --resume):
     python SFT_stage1.py --model_path ... --data_path ... --resume
 
@@ -174,6 +179,21 @@ def use_bf16() -> bool:
     return requested == "bf16" if requested in ("bf16", "fp16", "no") else bf16_supported()
 
 
+def check_zero3_saves_full_weights(deepspeed_config: dict | None) -> None:
+    """Refuse a ZeRO-3 run whose checkpoints would hold only weight partitions.
+
+    Under ZeRO-3 each process keeps a slice of every weight; only stage3_gather_16bit_weights_on_model_save
+    makes the save gather them, so that each tfmr/ is a full model AutoModelForCausalLM and a server can load.
+    """
+    zero = (deepspeed_config or {}).get("zero_optimization", {})
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise ValueError(
+            "ZeRO-3 without gathered saves would leave every checkpoint's tfmr/ without weights: set "
+            "zero3_save_16bit_model: true in the accelerate config (as configs/deepspeed_zero3.yaml does), or "
+            "stage3_gather_16bit_weights_on_model_save: true in a DeepSpeed JSON config"
+        )
+
+
 def select_valid(dataset, source: str):
     """Keep items whose Question, Complex_CoT and Response are non-empty strings; warn once about the rest."""
     if not len(dataset):
@@ -297,6 +317,8 @@ def main(args):
         logging_first_step=True,
         report_to=[] if args.report_to == "none" else ["wandb"],
     )
+    if config.deepspeed_plugin is not None:
+        check_zero3_saves_full_weights(config.deepspeed_plugin.deepspeed_config)
 
     tokenizer = ensure_pad_token(ensure_chat_template(AutoTokenizer.from_pretrained(args.model_path)))
     with config.main_process_first(desc="tokenizing"):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -292,6 +293,16 @@ def test_a_fresh_run_refuses_to_overwrite_checkpoints(trained, tiny_models, smal
         SFT_stage1.main(_run_args(tiny_models, small_data, trained))
 
 
+def test_zero3_without_gathered_saves_is_refused():
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}}
+    with pytest.raises(ValueError, match="zero3_save_16bit_model: true"):
+        SFT_stage1.check_zero3_saves_full_weights(zero3)
+    zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    SFT_stage1.check_zero3_saves_full_weights(zero3)
+    SFT_stage1.check_zero3_saves_full_weights({"zero_optimization": {"stage": 2}})
+    SFT_stage1.check_zero3_saves_full_weights(None)
+
+
 def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     for name, complete in [
         ("checkpoint-0-5", True),
@@ -375,3 +386,104 @@ def test_two_cpu_processes_through_accelerate_match_one_process(trained, tiny_mo
     assert {p.name for p in final.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     rows, single = _metrics(tmp_path / "logs"), _metrics(trained / "logs")
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single], rel=1e-4)
+
+
+ZERO3_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  offload_optimizer_device: none
+  offload_param_device: none
+  zero3_init_flag: true
+  zero3_save_16bit_model: true
+  zero_stage: 3
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 1
+use_cpu: true
+"""
+
+# Runs the stage script with a trainer that first records whether the model it is handed arrived as empty
+# ZeRO-3 partitions (created that way by from_pretrained under zero.Init) holding the saved weights.
+PARTITION_PROBE = """\
+import json, sys
+sys.path.insert(0, {root!r})
+import deepspeed
+import torch
+from safetensors.torch import load_file
+import SFT_stage1
+
+class RecordingTrainer(SFT_stage1.SFTStage1Trainer):
+    def __init__(self, *args, model, **kwargs):
+        saved = load_file(f"{{model.name_or_path}}/model.safetensors")
+        params = dict(model.named_parameters())
+        partitioned = all(
+            p.numel() == 0 and p.ds_numel == saved[k].numel() and p.ds_status.name == "NOT_AVAILABLE"
+            for k, p in params.items()
+        )
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            same = set(params) == set(saved) and all(torch.equal(params[k], v) for k, v in saved.items())
+        with open({report!r}, "w") as f:
+            json.dump({{"partitioned": partitioned, "weights_as_saved": same}}, f)
+        super().__init__(*args, model=model, **kwargs)
+
+SFT_stage1.SFTStage1Trainer = RecordingTrainer
+SFT_stage1.main(SFT_stage1.parse_args())
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_zero3_launch_loads_partitioned_trains_saves_full_weights_and_resumes(
+    trained, tiny_models, small_data, tmp_path
+):
+    """accelerate launch with a ZeRO-3 config (1 CPU process, no offload): the model is created partitioned,
+    trains like the plain run, writes full-weight tfmr/ folders plus ZeRO shards, and resumes from them."""
+    (tmp_path / "zero3.yaml").write_text(ZERO3_CONFIG)
+    report = tmp_path / "loaded.json"
+    probe = tmp_path / "probe.py"
+    probe.write_text(PARTITION_PROBE.format(root=str(ROOT), report=str(report)))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+        "--main_process_port", str(free_port()), str(probe),
+        "--model_path", str(tiny_models["policy"]), "--data_path", str(small_data),
+        "--output_dir", str(tmp_path / "ckpts"), "--log_dir", str(tmp_path / "logs"), "--max_seq_len", "256",
+        "--train_bsz_per_gpu", "4", "--gradient_accumulation_steps", "1", "--n_epochs", "2",
+        "--learning_rate", "3e-3", "--report_to", "none", "--save_steps", "1", "--max_ckpts", "10",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "ckpts" / "sft_stage1"
+
+    def launch(*extra):
+        report.unlink(missing_ok=True)
+        proc = subprocess.run(
+            [*command, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(report.read_text()) == {"partitioned": True, "weights_as_saved": True}
+
+    launch()
+    names = [p.name for p in list_checkpoints(run)]
+    assert names == ["checkpoint-0-1", "checkpoint-0-2", "checkpoint-1-3", "checkpoint-1-4"]
+    assert (run / "checkpoint-1-4" / "global_step4").is_dir()  # the ZeRO shards that --resume reads
+    # Same data, batches and optimiser as the plain one-process run, so the same losses.
+    rows, single = _metrics(tmp_path / "logs"), _metrics(trained / "logs")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single], rel=1e-4)
+    uninterrupted = _state_dict(run / "checkpoint-1-4" / "tfmr")
+    original = _state_dict(tiny_models["policy"])
+    assert uninterrupted.keys() == original.keys()
+    assert all(uninterrupted[k].shape == v.shape for k, v in original.items())  # gathered, not partitions
+    assert any(not torch.equal(uninterrupted[k], v) for k, v in original.items()), "the weights never changed"
+
+    for name in ("checkpoint-0-2", "checkpoint-1-3", "checkpoint-1-4"):
+        shutil.rmtree(run / name)
+    launch("--resume")
+    resumed = _state_dict(run / "checkpoint-1-4" / "tfmr")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert [r["step"] for r in _metrics(tmp_path / "logs")] == [1, 2, 3, 4]
