@@ -41,6 +41,7 @@ from huatuo.ppo import (
     stop_mask,
 )
 from huatuo.reward import RewardFunction, rule_judge
+from tests.conftest import ZERO3_CPU_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION, ANSWER = "Open-ended Verifiable Question", "Ground-True Answer"
@@ -519,21 +520,6 @@ def test_two_processes_split_each_update_and_resume(tiny_models, tmp_path):
     assert len((out / "samples" / "update-4.jsonl").read_text().splitlines()) == 3
 
 
-ZERO3_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config:
-  offload_optimizer_device: none
-  offload_param_device: none
-  zero3_init_flag: true
-  zero3_save_16bit_model: true
-  zero_stage: 3
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 1
-use_cpu: true
-"""
-
 # Runs the stage script with a trainer that first records, for each model it is handed, whether every
 # parameter arrived as an empty ZeRO-3 partition and whether the gathered weights are the saved ones.
 PARTITION_PROBE = """\
@@ -579,7 +565,7 @@ def test_zero3_launch_loads_partitioned_models_trains_saves_and_resumes(tiny_mod
         {QUESTION: f"Which vitamin deficiency causes sign {i}?", ANSWER: f"vitamin {i}"} for i in range(20)
     ]
     data = write_problems(tmp_path / "problems.json", items)
-    (tmp_path / "zero3.yaml").write_text(ZERO3_CONFIG)
+    (tmp_path / "zero3.yaml").write_text(ZERO3_CPU_CONFIG)
     report = tmp_path / "loaded.json"
     probe = tmp_path / "probe.py"
     probe.write_text(PARTITION_PROBE.format(root=str(ROOT), report=str(report)))

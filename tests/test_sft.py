@@ -23,6 +23,7 @@ from huatuo.sft import (
     rotate_checkpoints,
     truncate_metrics,
 )
+from tests.conftest import ZERO3_CPU_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo_data.json"
@@ -388,21 +389,6 @@ def test_two_cpu_processes_through_accelerate_match_one_process(trained, tiny_mo
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single], rel=1e-4)
 
 
-ZERO3_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: DEEPSPEED
-deepspeed_config:
-  offload_optimizer_device: none
-  offload_param_device: none
-  zero3_init_flag: true
-  zero3_save_16bit_model: true
-  zero_stage: 3
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 1
-use_cpu: true
-"""
-
 # Runs the stage script with a trainer that first records whether the model it is handed arrived as empty
 # ZeRO-3 partitions (created that way by from_pretrained under zero.Init) holding the saved weights.
 PARTITION_PROBE = """\
@@ -443,7 +429,7 @@ def test_zero3_launch_loads_partitioned_trains_saves_full_weights_and_resumes(
 ):
     """accelerate launch with a ZeRO-3 config (1 CPU process, no offload): the model is created partitioned,
     trains like the plain run, writes full-weight tfmr/ folders plus ZeRO shards, and resumes from them."""
-    (tmp_path / "zero3.yaml").write_text(ZERO3_CONFIG)
+    (tmp_path / "zero3.yaml").write_text(ZERO3_CPU_CONFIG)
     report = tmp_path / "loaded.json"
     probe = tmp_path / "probe.py"
     probe.write_text(PARTITION_PROBE.format(root=str(ROOT), report=str(report)))
