@@ -71,9 +71,17 @@ def score_response(
     """Reward of one response: malformed_reward if the format check fails, else correct_reward or
     wrong_reward as judge(final_response, reference) says."""
     final = extract_final_response(response)
-    if final is None:
+    judgement = None if final is None else bool(judge(final, reference))
+    return reward_for(judgement, correct_reward, wrong_reward, malformed_reward)
+
+
+def reward_for(
+    judgement: bool | None, correct_reward: float, wrong_reward: float, malformed_reward: float
+) -> float:
+    """The number for a verdict: None (malformed), True (correct) or False (wrong)."""
+    if judgement is None:
         return malformed_reward
-    return correct_reward if judge(final, reference) else wrong_reward
+    return correct_reward if judgement else wrong_reward
 
 
 _ARTICLES = {"a", "an", "the"}
@@ -342,8 +350,7 @@ class RewardFunction:
 
     def rewards(self, judgements: Sequence[bool | None]) -> list[float]:
         return [
-            self.malformed_reward if j is None else self.correct_reward if j else self.wrong_reward
-            for j in judgements
+            reward_for(j, self.correct_reward, self.wrong_reward, self.malformed_reward) for j in judgements
         ]
 
     def __call__(self, responses: Sequence[str], references: Sequence[str]) -> list[float]:
