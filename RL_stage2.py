@@ -58,12 +58,11 @@ from transformers import (
 )
 
 from huatuo.items import ANSWER, QUESTION, InputError, read_json
-from huatuo.models import attn_implementation, ensure_chat_template, load_records
+from huatuo.models import attn_implementation, ensure_chat_template, ensure_pad_token, load_records
 from huatuo.ppo import (
     PPOConfig,
     PPOTrainer,
     config_for_saving,
-    ensure_pad_token,
     find_checkpoint,
     plan_for,
 )

@@ -40,8 +40,10 @@ from huatuo.models import (
     attn_implementation,
     bf16_supported,
     ensure_chat_template,
+    ensure_pad_token,
     format_thinking_response,
     load_records,
+    stop_on_eos,
 )
 from huatuo.sft import (
     IGNORE_INDEX,
@@ -158,19 +160,6 @@ def parse_args(argv=None):
     if not 0 <= args.warmup_rates < 1:
         parser.error("--warmup_rates is a fraction of the training steps, in [0, 1)")
     return args
-
-
-def ensure_pad_token(tokenizer):
-    """Give a pad-less tokenizer (Llama-3's) <|end_of_text|>, keeping padding apart from the end-of-turn eos.
-
-    Padding never reaches the loss, but the checkpoint's tokenizer is what the PPO stage loads, and there
-    the pad token must differ from eos. Other tokenizers fall back to eos.
-    """
-    if tokenizer.pad_token is None:
-        spare = "<|end_of_text|>"
-        usable = spare in tokenizer.get_vocab() and spare != tokenizer.eos_token
-        tokenizer.pad_token = spare if usable else tokenizer.eos_token
-    return tokenizer
 
 
 def use_bf16() -> bool:
@@ -343,6 +332,7 @@ def main(args):
     model = AutoModelForCausalLM.from_pretrained(
         args.model_path, dtype=torch.float32, attn_implementation=attention
     )
+    stop_on_eos(model, tokenizer)
     callbacks = [MetricsFileCallback(log_dir / "metrics.jsonl")]
     if args.save_steps:
         callbacks.append(SaveEveryStepsCallback(args.save_steps))

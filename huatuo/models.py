@@ -18,10 +18,41 @@ LLAMA3_CHAT_TEMPLATE = (
 
 
 def ensure_chat_template(tokenizer):
-    """Give a template-less tokenizer the Llama-3 layout; leave a model's own template untouched."""
+    """Give a template-less tokenizer the Llama-3 layout; leave a model's own template untouched.
+
+    That layout ends every turn with <|eot_id|>, so where the vocabulary has it (a Llama-3 base model,
+    whose eos is <|end_of_text|>) it becomes the eos: the fine-tuned model then stops after its turn."""
     if not tokenizer.chat_template:
         tokenizer.chat_template = LLAMA3_CHAT_TEMPLATE
+        if "<|eot_id|>" in tokenizer.get_vocab():
+            tokenizer.eos_token = "<|eot_id|>"
     return tokenizer
+
+
+def ensure_pad_token(tokenizer):
+    """Give the tokenizer a pad token apart from eos where the vocabulary has one (Llama-3: <|end_of_text|>),
+    else eos. PPO needs pad != eos to tell padding from a finished response; SFT saves the tokenizer PPO loads."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer
+    vocab = tokenizer.get_vocab()
+    for candidate in ("<|end_of_text|>", "<|finetune_right_pad_id|>", "<|endoftext|>", "<pad>"):
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return tokenizer
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def stop_on_eos(model, tokenizer):
+    """Add the tokenizer's eos to the ids the model's generation config stops on, so that generate() and the
+    servers that read generation_config.json stop where the chat template ends a turn."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else list(ids) if isinstance(ids, list | tuple) else [ids]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        model.generation_config.eos_token_id = (
+            ids + [tokenizer.eos_token_id] if ids else tokenizer.eos_token_id
+        )
+    return model
 
 
 def attn_implementation() -> str:

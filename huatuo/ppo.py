@@ -1013,21 +1013,6 @@ def stop_token_ids(tokenizer, policy=None) -> list[int]:
     return sorted(set(ids))
 
 
-def ensure_pad_token(tokenizer) -> None:
-    """Give the tokenizer a pad token distinct from eos where the vocabulary has one (Llama-3: <|end_of_text|>).
-
-    The trainer masks by position, never by comparing with the pad id, so a pad equal to eos stays correct;
-    a distinct one only keeps decoded samples readable."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    vocab = tokenizer.get_vocab()
-    for candidate in ("<|finetune_right_pad_id|>", "<|end_of_text|>", "<|endoftext|>", "<pad>"):
-        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
-            tokenizer.pad_token = candidate
-            return
-    tokenizer.pad_token = tokenizer.eos_token
-
-
 def checkpoint_dirs(output_dir: Path) -> list[Path]:
     if not Path(output_dir).is_dir():
         return []

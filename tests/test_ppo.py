@@ -25,13 +25,13 @@ from transformers import (
 
 import RL_stage2
 from huatuo.items import InputError
+from huatuo.models import ensure_pad_token
 from huatuo.ppo import (
     PPOConfig,
     PPOTrainer,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
-    ensure_pad_token,
     find_checkpoint,
     interval_in_updates,
     kl_shaped_rewards,

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import SFT_stage1
-from huatuo.models import format_thinking_response
+from huatuo.models import ensure_pad_token, format_thinking_response
 from huatuo.sft import (
     IGNORE_INDEX,
     latest_checkpoint,
@@ -148,7 +148,7 @@ def test_labels_mask_exactly_the_prompt_and_the_padding(tokenizer):
 def test_a_pad_less_tokenizer_gets_a_pad_apart_from_eos(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
     tokenizer.pad_token = None
-    SFT_stage1.ensure_pad_token(tokenizer)
+    ensure_pad_token(tokenizer)
     assert tokenizer.pad_token == "<|end_of_text|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
 
 

@@ -1,7 +1,14 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from huatuo.models import format_thinking_response, load_records
+from huatuo.models import (
+    LLAMA3_CHAT_TEMPLATE,
+    ensure_chat_template,
+    ensure_pad_token,
+    format_thinking_response,
+    load_records,
+    stop_on_eos,
+)
 
 
 def test_tiny_policy_chats_and_generates(tiny_models):
@@ -65,3 +72,28 @@ def test_malformed_local_json_names_the_file_and_line(tmp_path):
     path.write_text('[{"Question": "q1"},')
     with pytest.raises(ValueError, match=r"items\.json: not valid JSON"):
         load_records(str(path))
+
+
+def test_a_base_llama3_tokenizer_ends_turns_with_eot_and_pads_apart(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token = None, "<|end_of_text|>", None
+    ensure_pad_token(ensure_chat_template(tokenizer))
+    assert tokenizer.chat_template == LLAMA3_CHAT_TEMPLATE
+    assert tokenizer.eos_token == "<|eot_id|>" and tokenizer.pad_token == "<|end_of_text|>"
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    end_of_text = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    model.generation_config.eos_token_id = end_of_text
+    stop_on_eos(model, tokenizer)
+    assert model.generation_config.eos_token_id == [end_of_text, tokenizer.eos_token_id]
+
+
+def test_a_model_template_and_eos_are_left_alone(tiny_models):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    tokenizer.chat_template, tokenizer.eos_token = "{{ messages[0]['content'] }}", "<|end_of_text|>"
+    tokenizer.pad_token = "<|begin_of_text|>"
+    ensure_pad_token(ensure_chat_template(tokenizer))
+    assert (
+        tokenizer.chat_template == "{{ messages[0]['content'] }}" and tokenizer.eos_token == "<|end_of_text|>"
+    )
+    assert tokenizer.pad_token == "<|begin_of_text|>"
