@@ -1,9 +1,10 @@
 """Stage 2: reinforcement learning on verifiable medical problems with a verifier reward.
 
-PPO (the paper's method) runs on our own trainer in huatuo/ppo.py; --algorithm grpo|rloo runs TRL's
-maintained trainers with the same reward and data (huatuo/rl_trl.py). The reward (huatuo/reward.py) is
-1.0 for a well-formed response ("## Thinking" once, then "## Final Response" once) that the verifier
-judges correct, 0.1 for a well-formed wrong one, 0 otherwise. --reward_model_path picks the verifier:
+PPO (the paper's method) runs on our own trainer (huatuo/ppo_trainer.py; the arithmetic is in huatuo/ppo.py);
+--algorithm grpo|rloo runs TRL's maintained trainers with the same reward and data (huatuo/rl_trl.py).
+The reward (huatuo/reward.py) is 1.0 for a well-formed response ("## Thinking" once, then "## Final Response"
+once) that the verifier judges correct, 0.1 for a well-formed wrong one, 0 otherwise. --reward_model_path picks
+the verifier:
 a 2-label classifier folder or hub id (medical_o1_verifier_3B), `rule` (normalised answer match), or
 `llm:<base_url>` (an OpenAI-compatible judge; key from OPENAI_API_KEY).
 
@@ -57,15 +58,11 @@ from transformers import (
     set_seed,
 )
 
+from huatuo.checkpoints import find_checkpoint
 from huatuo.items import ANSWER, QUESTION, InputError, read_json
 from huatuo.models import attn_implementation, ensure_chat_template, ensure_pad_token, load_records
-from huatuo.ppo import (
-    PPOConfig,
-    PPOTrainer,
-    config_for_saving,
-    find_checkpoint,
-    plan_for,
-)
+from huatuo.ppo import PPOConfig, config_for_saving, plan_for
+from huatuo.ppo_trainer import PPOTrainer
 from huatuo.reward import RewardFunction
 from huatuo.store import save_args
 

@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_cosine_schedule_with_warmup
 
+from huatuo.checkpoints import drop_logged_after
 from huatuo.models import attn_implementation, bf16_supported
-from huatuo.ppo import drop_logged_after
 from huatuo.prompts import LANGUAGES, PromptError, load_prompt
 from huatuo.reward import load_reward_prompt, pad_batch, verifier_input_ids
 from huatuo.search import verdict

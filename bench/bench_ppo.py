@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from huatuo.ppo import PPOConfig, PPOTrainer  # noqa: E402
+from huatuo.ppo import PPOConfig  # noqa: E402
+from huatuo.ppo_trainer import PPOTrainer  # noqa: E402
 from huatuo.reward import ClassifierVerifier, RewardFunction  # noqa: E402
 from huatuo.tiny import build_tiny_models  # noqa: E402
 

@@ -36,8 +36,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
+from huatuo.checkpoints import drop_logged_after, find_checkpoint
 from huatuo.models import attn_implementation, ensure_chat_template
-from huatuo.ppo import drop_logged_after, find_checkpoint
 from huatuo.reward import RewardFunction, reward_stats
 
 TRL_ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}

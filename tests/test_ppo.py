@@ -24,22 +24,21 @@ from transformers import (
 )
 
 import RL_stage2
+from huatuo.checkpoints import find_checkpoint
 from huatuo.items import InputError
 from huatuo.models import ensure_pad_token
 from huatuo.ppo import (
     PPOConfig,
-    PPOTrainer,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
-    find_checkpoint,
     interval_in_updates,
     kl_shaped_rewards,
-    make_vllm_rollout,
     masked_whiten,
     plan_batches,
     stop_mask,
 )
+from huatuo.ppo_trainer import PPOTrainer, make_vllm_rollout
 from huatuo.reward import RewardFunction, rule_judge
 from tests.conftest import ZERO3_CPU_CONFIG
 
