@@ -4,9 +4,8 @@ PPO (the paper's method) runs on our own trainer (huatuo/ppo_trainer.py; the ari
 --algorithm grpo|rloo runs TRL's maintained trainers with the same reward and data (huatuo/rl_trl.py).
 The reward (huatuo/reward.py) is 1.0 for a well-formed response ("## Thinking" once, then "## Final Response"
 once) that the verifier judges correct, 0.1 for a well-formed wrong one, 0 otherwise. --reward_model_path picks
-the verifier:
-a 2-label classifier folder or hub id (medical_o1_verifier_3B), `rule` (normalised answer match), or
-`llm:<base_url>` (an OpenAI-compatible judge; key from OPENAI_API_KEY).
+the verifier: a 2-label classifier folder or hub id (medical_o1_verifier_3B), `rule` (normalised answer match),
+or `llm:<base_url>` (an OpenAI-compatible judge; key from OPENAI_API_KEY).
 
 The paper's 8B run, one node of 8 GPUs (--dataset_name also takes a local JSON/JSONL of problems):
 
