@@ -38,7 +38,7 @@ from trl import SFTConfig
 
 from huatuo.models import (
     attn_implementation,
-    bf16_supported,
+    bf16_by_default,
     ensure_chat_template,
     ensure_pad_token,
     format_thinking_response,
@@ -160,12 +160,6 @@ def parse_args(argv=None):
     if not 0 <= args.warmup_rates < 1:
         parser.error("--warmup_rates is a fraction of the training steps, in [0, 1)")
     return args
-
-
-def use_bf16() -> bool:
-    """bf16 as `accelerate launch` asks (the DeepSpeed configs say bf16), else wherever the GPU supports it."""
-    requested = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    return requested == "bf16" if requested in ("bf16", "fp16", "no") else bf16_supported()
 
 
 def check_zero3_saves_full_weights(deepspeed_config: dict | None) -> None:
@@ -293,7 +287,7 @@ def main(args):
         warmup_steps=args.warmup_rates,
         max_grad_norm=args.max_grad_norm,
         activation_checkpointing=args.gradient_checkpointing,
-        bf16=use_bf16(),
+        bf16=bf16_by_default(),
         use_cpu=not torch.cuda.is_available(),  # also makes processes started by torchrun join over gloo
         seed=args.seed,
         data_seed=args.seed,

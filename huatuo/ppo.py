@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import TrainingArguments
 
-from huatuo.models import bf16_supported
+from huatuo.models import bf16_by_default, bf16_supported
 
 SECRET_FIELDS = ("hub_token", "api_key")
 
@@ -85,6 +85,14 @@ class PPOConfig(TrainingArguments):
             "help": "Held-out completions written to samples/ at each evaluation; -1 writes all, 0 none."
         },
     )
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 autocast for rollout, scoring and updates (fp32 master weights). Default: as `accelerate "
+            "launch` asks, else on where the device supports it (a bf16 GPU, or a CPU with AVX512-BF16 or AMX); "
+            "--bf16 False opts out."
+        },
+    )
     rollout_backend: str = field(
         default="hf",
         metadata={"help": "hf: transformers generate (any device). vllm: colocated vLLM engine (CUDA only)."},
@@ -99,11 +107,15 @@ class PPOConfig(TrainingArguments):
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
-        if self.bf16 and not bf16_supported():
+        if self.bf16 is None:
+            self.bf16 = bf16_by_default()
+        elif self.bf16 and not bf16_supported():
             warnings.warn(
                 "--bf16 True asked for, but this device has no bf16 support: training in fp32.", stacklevel=2
             )
             self.bf16 = False
+        # Without a GPU, say so: TrainingArguments refuses bf16 off the GPU unless use_cpu is set.
+        self.use_cpu = self.use_cpu or not torch.cuda.is_available()
         super().__post_init__()
         if self.rollout_backend not in ("hf", "vllm"):
             raise ValueError(f"--rollout_backend must be 'hf' or 'vllm', got {self.rollout_backend!r}")

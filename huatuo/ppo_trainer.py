@@ -666,6 +666,7 @@ class PPOTrainer:
                     "lr": self.scheduler.get_last_lr()[0],
                     "eps": plan.global_batch_size / (done - start),
                     "time/rollout": rollout_done - start + (scored - rollout_done - reward_seconds),
+                    "time/generate": rollout_done - start,  # the sampling part of the rollout
                     "time/reward": reward_seconds,
                     "time/update": done - scored,
                 }

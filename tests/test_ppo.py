@@ -187,7 +187,25 @@ SEED_FLAGS = (
 ).split()
 
 
-def test_seed_command_parses(tmp_path):
+def device_bf16(monkeypatch, supported: bool) -> None:
+    for where in ("huatuo.models.bf16_supported", "huatuo.ppo.bf16_supported"):
+        monkeypatch.setattr(where, lambda: supported)
+
+
+def test_bf16_follows_the_device_and_accelerate_unless_opted_out(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    base = ["--model_name_or_path", "p", "--dataset_name", "d.json", "--output_dir", str(tmp_path)]
+    for supported in (True, False):
+        device_bf16(monkeypatch, supported)
+        assert RL_stage2.parse_args(base)[2].bf16 is supported
+    device_bf16(monkeypatch, True)
+    assert RL_stage2.parse_args(base + ["--bf16", "False"])[2].bf16 is False
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch --mixed_precision no
+    assert RL_stage2.parse_args(base)[2].bf16 is False
+
+
+def test_seed_command_parses(tmp_path, monkeypatch):
+    device_bf16(monkeypatch, False)
     argv = [
         "--model_name_or_path", "policy", "--reward_model_path", "verifier", "--value_model_path", "value",
         "--dataset_name", "problems.json",
@@ -196,7 +214,7 @@ def test_seed_command_parses(tmp_path):
         script_args, model_args, config = RL_stage2.parse_args(argv)
     assert model_args.value_model_path == "value" and script_args.algorithm == "ppo"
     assert config.save_steps == 20  # --save_step is argparse's abbreviation of --save_steps
-    assert config.bf16 is False  # this CPU has no bf16: warned and trained in fp32
+    assert config.bf16 is False  # no bf16 on the device: warned and trained in fp32
     assert config.gradient_checkpointing is True
     assert config.num_sample_generations == -1 and config.report_to == ["wandb"]
     assert config.warmup_steps == 0.05 and config.get_warmup_steps(471) == 24
