@@ -98,3 +98,27 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def reply_scores(records: list[dict]) -> dict[str, dict]:
+    """The RL reward applied to eval replies: per source, and over all of them under "all", the share of
+    replies in the trained layout (the reward's own format check), the share the rule verifier finds the
+    correct option's text in, and the mean reward. `records` are eval.py's items ("source", "answer", "output")."""
+    from huatuo.reward import RewardFunction, reward_stats
+
+    reward = RewardFunction("rule")
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(record["source"], []).append(record)
+    groups["all"] = list(records)
+    scores = {}
+    for source, rows in groups.items():
+        judgements = reward.judge([r.get("output") or "" for r in rows], [str(r["answer"]) for r in rows])
+        stats = reward_stats(judgements, reward.rewards(judgements))
+        scores[source] = {
+            "items": len(rows),
+            "format_rate": stats["format_rate"],
+            "correct_rate": stats["correct_rate"],
+            "mean_reward": stats["reward"],
+        }
+    return scores

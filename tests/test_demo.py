@@ -33,7 +33,7 @@ def demo_env() -> dict:
 
 
 def demo_command(out_dir, *flags) -> list[str]:
-    return [sys.executable, "demo.py", "--out_dir", str(out_dir), "--quiet", *flags]
+    return [sys.executable, "demo.py", "--model", "tiny", "--out_dir", str(out_dir), "--quiet", *flags]
 
 
 def run_demo(out_dir, *flags):
@@ -127,18 +127,24 @@ def test_every_stage_writes_outputs_that_load_and_parse(demo_run):
     updates = read_jsonl(ROOT / rl["outputs"]["metrics"])
     assert [row["update"] for row in updates] == list(range(1, 9))
     assert all(0.0 <= row["objective/scores"] <= 1.0 for row in updates)
-    assert "eval/mean_reward" in updates[-1]
     assert (
         rl["outputs"]["checkpoint"] in (out_dir / "eval" / "log.txt").read_text()
     )  # eval serves the RL policy
 
-    summary = json.loads((ROOT / done(out_dir, "eval")["outputs"]["summary"]).read_text())
-    assert set(summary["sources"]) == EVAL_SOURCES
-    assert sum(s["items"] for s in summary["sources"].values()) == 15
-    (result_file,) = (out_dir / "eval" / "results").glob("result_*.json")
-    assert {k: len(v) for k, v in json.loads(result_file.read_text()).items()} == dict.fromkeys(
-        EVAL_SOURCES, 4
-    )
+    evaluation = done(out_dir, "eval")
+    scores = json.loads((ROOT / evaluation["outputs"]["scores"]).read_text())
+    assert list(scores) == list(demo.EVALUATED)  # base, SFT and PPO, each served and scored
+    for label in demo.EVALUATED:
+        summary = json.loads((ROOT / evaluation["outputs"][label]).read_text())
+        assert set(summary["sources"]) == EVAL_SOURCES
+        assert sum(s["items"] for s in summary["sources"].values()) == 15
+        assert set(scores[label]["rewards"]) == EVAL_SOURCES | {"all"}
+        assert scores[label]["rewards"]["all"]["items"] == 15
+        assert all(0 <= r["format_rate"] <= 1 for r in scores[label]["rewards"].values())
+        (result_file,) = (out_dir / "eval" / label).glob("result_*.json")
+        assert {k: len(v) for k, v in json.loads(result_file.read_text()).items()} == dict.fromkeys(
+            EVAL_SOURCES, 4
+        )
 
     report = out_dir / "report"
     for name in ("sft_loss.png", "ppo_reward.png"):
@@ -147,13 +153,17 @@ def test_every_stage_writes_outputs_that_load_and_parse(demo_run):
     for stage in TRAINING_STAGES:
         assert re.search(rf"^\| {stage} \| .* \| ran \|$", table, re.M), stage
     assert "| api | - | - | skipped" in table
-    assert all(f"| {source} | 3 |" in (report / "eval.md").read_text() for source in EVAL_SOURCES)
+    eval_md = (report / "eval.md").read_text()
+    assert all(
+        f"| {label} | {source} | 3 |" in eval_md for label in demo.EVALUATED for source in EVAL_SOURCES
+    )
+    assert "format rate after SFT" in eval_md and "## Learning, on 15 held-out questions" in table
 
 
 def test_no_process_or_server_is_left_behind(demo_run):
     out_dir, _ = demo_run
     assert processes_mentioning(str(out_dir)) == []
-    assert list((out_dir / "eval" / "server").glob("*.pid")) == []
+    assert list((out_dir / "eval").glob("server_*/*.pid")) == []
     port = int(
         re.search(r"launch_sglang_server\.sh .* (\d+)\n", (out_dir / "eval" / "log.txt").read_text())[1]
     )
@@ -194,7 +204,7 @@ def test_ctrl_c_while_serving_stops_the_server_through_the_kill_script(demo_run,
         stderr=subprocess.PIPE,
     )
     pid_file = wait_for(
-        lambda: next((copy / "eval" / "server").glob("server_*.pid"), None) if proc.poll() is None else True,
+        lambda: next((copy / "eval").glob("server_*/server_*.pid"), None) if proc.poll() is None else True,
         timeout=120,
         what="the eval server to start",
     )
