@@ -69,7 +69,8 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
         "--batch_api",
         action="store_true",
         help="send the chat requests as batches: each round of the workers' requests becomes one batch; "
-        "a killed run resumes the batches it submitted. Raise --num_process so that a round holds every item",
+        "failed requests go into the next one, up to --max_retries times; rerunning a killed run follows "
+        "the batches it submitted instead of paying again. Raise --num_process so that a round holds every item",
     )
     group.add_argument(
         "--batch_window",
@@ -145,6 +146,7 @@ class _Request:
     line: bytes
     future: asyncio.Future
     submissions: int = 0
+    settled: bool = False
 
 
 @dataclass
@@ -231,7 +233,7 @@ class BatchQueue:
         try:
             return await request.future
         finally:
-            self._waiting -= 1
+            self._settle(request)  # only counts a worker that was cancelled while waiting
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -399,16 +401,26 @@ class BatchQueue:
                 if "error" not in result:
                     self._saved[cid] = result
             elif "error" not in result:
-                if not request.future.done():
-                    request.future.set_result(reply_of(result, calls=request.submissions))
-            elif result["retry"] and request.submissions <= self.max_retries:
+                self._settle(request, reply=reply_of(result, calls=request.submissions))
+            elif result["retry"] and request.submissions <= self.max_retries and not request.settled:
                 self._gather(request)
             else:
                 self._fail(request, f"{result['error']} (submitted in {request.submissions} batch(es))")
 
-    @staticmethod
-    def _fail(request: _Request, reason: str) -> None:
-        if not request.future.done():
-            request.future.set_exception(
-                BatchRequestFailed(f"request {request.custom_id}: {reason}", calls=request.submissions)
-            )
+    def _fail(self, request: _Request, reason: str) -> None:
+        error = BatchRequestFailed(f"request {request.custom_id}: {reason}", calls=request.submissions)
+        self._settle(request, error=error)
+
+    def _settle(self, request: _Request, reply: Reply | None = None, error: Exception | None = None) -> None:
+        """Resolve a waiting call once. The waiting count drops at once, not when the worker resumes,
+        so that the gatherer never mistakes a worker about to send its next request for one waiting."""
+        if request.settled:
+            return
+        request.settled = True
+        self._waiting -= 1
+        if request.future.done():
+            return
+        if error is not None:
+            request.future.set_exception(error)
+        elif reply is not None:
+            request.future.set_result(reply)

@@ -7,7 +7,8 @@
         server.answered         # custom_ids answered successfully (billed), in order
 
 A batch moves validating -> in_progress -> finalizing -> completed, one step per status check, so
-tests follow it without a clock; while `hold` is set, it stays in_progress. Its requests are then
+tests follow it without a clock; the batches whose creation index is `hold_from` or later stay in_progress
+(while it is not None). Its requests are then
 answered by the same responder as the synchronous endpoints; a Fault becomes an error-file line with
 that HTTP status. Scripted trouble: the first `fail_uploads` uploads get HTTP 500; the batches whose
 0-based creation index is in `expire` expire with only the first half of their requests done;
@@ -45,7 +46,7 @@ class BatchStubServer(StubServer):
         self.fail_uploads = fail_uploads
         self.expire = set(expire)
         self.lose_create_reply = lose_create_reply
-        self.hold = False
+        self.hold_from: int | None = None
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, dict] = {}
         self.submitted: list[str] = []
@@ -106,7 +107,12 @@ class BatchStubServer(StubServer):
             "error_file_id": None,
             "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
         }
-        self.batches[batch["id"]] = {"info": batch, "lines": lines, "expire": index in self.expire}
+        self.batches[batch["id"]] = {
+            "info": batch,
+            "lines": lines,
+            "index": index,
+            "expire": index in self.expire,
+        }
         self.submitted += [line["custom_id"] for line in lines]
         if self.lose_create_reply:
             self.lose_create_reply = False
@@ -131,7 +137,8 @@ class BatchStubServer(StubServer):
         if batch is None:
             return web.json_response({"error": {"message": "no such batch"}}, status=404)
         info = batch["info"]
-        if info["status"] in STEPS[:-1] and not (self.hold and info["status"] == "in_progress"):
+        held = self.hold_from is not None and batch["index"] >= self.hold_from
+        if info["status"] in STEPS[:-1] and not (held and info["status"] == "in_progress"):
             info["status"] = STEPS[STEPS.index(info["status"]) + 1]
             if info["status"] == "completed":
                 self._run(batch)
