@@ -21,7 +21,7 @@ Files in `folder`:
                              updated as it moves: file id, batch id, status, and per custom_id its item
                              and body hash
     batch_<n>_results.json   written when the batch ends: per custom_id the reply text and usage, or the
-                             error; the record's status is set after it, so an ended batch has both
+                             error; a record without it is followed again on resume, which downloads them
 Prompts are uploaded but not kept on disk, and the API key is written nowhere.
 
 Failures. A request that fails with 408/409/429/5xx, whose reply cannot be parsed, or that an expired
@@ -77,13 +77,13 @@ def add_batch_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="seconds to gather requests before submitting a batch even if some workers are still busy "
-        "(default: 60)",
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--poll_interval",
         type=float,
         default=60.0,
-        help="seconds between two status checks of a submitted batch (default: 60)",
+        help="seconds between two status checks of a submitted batch (default: %(default)s)",
     )
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from huatuo.llm import RETRYABLE_STATUS, LLMError, _retry_after_seconds
+from huatuo.llm import RETRYABLE_STATUS, LLMError, retry_after_seconds
 
 ENDPOINT = "/v1/chat/completions"
 COMPLETION_WINDOW = "24h"
@@ -86,7 +86,7 @@ class BatchAPI:
             async with self._ensure_session().request(method, self.base_url + path, **kwargs) as resp:
                 body = await resp.read()
                 status = resp.status
-                retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         except asyncio.TimeoutError:
             raise TransientError(f"{method} {path}: no reply within {self.timeout:g} s") from None
         except aiohttp.ClientError as err:

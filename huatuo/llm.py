@@ -183,7 +183,7 @@ def add_api_args(parser: argparse.ArgumentParser, role: str, num_process: int) -
     return api
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
@@ -353,7 +353,7 @@ class LLMClient:
         for total in (self.stats, usage):
             if total is not None:
                 total.calls += calls
-                total.retries += calls - 1
+                total.retries += max(calls - 1, 0)
 
     def _count_tokens(self, reply: Reply, usage: Usage | None) -> None:
         for total in (self.stats, usage):
@@ -371,7 +371,7 @@ class LLMClient:
             async with session.post(self.base_url + path, data=payload) as resp:
                 raw = await resp.read()
                 status = resp.status
-                retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         except asyncio.TimeoutError:
             raise _Retryable(f"no reply within {self.timeout:g} s") from None
         except aiohttp.ClientError as err:

@@ -117,9 +117,9 @@ def test_a_request_over_the_file_limit_fails_before_any_upload(tmp_path):
         records, submitted, _ = ask_each(server, tmp_path, ["y" * 500], max_bytes=200)
         assert server.requests == []
     (record,) = records.values()
-    assert (
-        record["status"] == GIVEN_UP and "0.0." in record["reason"] and "200-byte limit" in record["reason"]
-    )
+    assert record["status"] == GIVEN_UP and "request 0.0." in record["reason"]
+    assert "over the 200-byte limit" in record["reason"]
+    assert (record["usage"]["calls"], record["usage"]["retries"], record["usage"]["failures"]) == (0, 0, 1)
 
 
 def test_line_errors_go_into_the_next_batch_a_bounded_number_of_times(tmp_path):
