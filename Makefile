@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(PYTHON) bench/bench_llm_client.py
+	$(PYTHON) bench/bench_batch_api.py
 	$(PYTHON) bench/bench_eval_throughput.py
 	$(PYTHON) bench/bench_scorer_agreement.py
 	$(PYTHON) bench/bench_scorer_speed.py

@@ -18,13 +18,17 @@ Per question (options shown as one `A. text` line each), cheapest checks first:
         --api_url http://127.0.0.1:8000/v1 --model_name Qwen2.5-72B-Instruct --num_process 64 \\
         --min_question_chars 100 --decontaminate evaluation/data/eval_data.json \\
         --difficulty_models gemma-2-9b-it@http://127.0.0.1:8001/v1 Llama-3.1-8B-Instruct@http://127.0.0.1:8002/v1
+    python construct_verifiable_medical_problems.py --data_path data/demo_data.json --filter_data \\
+        --model_name gpt-4o --batch_api --num_process 50000   # OpenAI Batch API: half the price, within 24 h
 
 Each item is saved as it finishes in output_data/<input name>/<process_id>.json (process_id = 1-based
 position in the input file); a rerun with the same arguments does only the unfinished items. The merged
 file output_data/<input name>_final_<N>.json holds every item once, each with `status` ("kept",
 "dropped" or "given_up"), `reason` when not kept, and `usage` (calls and tokens spent on it). Kept items
 carry `Open-ended Verifiable Question` and `Ground-True Answer`, ready for
-search_for_complex_reasoning_path.py and RL_stage2.py.
+search_for_complex_reasoning_path.py and RL_stage2.py. With --batch_api the main model's requests go
+through the Batch API, recorded in output_data/<input name>_batches/ (the difficulty models, local
+servers, are still asked directly).
 """
 
 import argparse
@@ -36,6 +40,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from huatuo.batch import BatchQueue, add_batch_args, check_batch_args
 from huatuo.items import ANSWER, MCQ, QUESTION, InputError, load_eval_file, load_items
 from huatuo.llm import LLMClient, Usage, add_api_args, normalize_api_url, resolve_api_key
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
@@ -75,6 +80,8 @@ def parse_args(argv=None):
         default=1,
         help="asks again when the rewrite is not valid JSON (default: 1)",
     )
+
+    add_batch_args(parser)
 
     steps = parser.add_argument_group("filtering steps")
     steps.add_argument(
@@ -219,6 +226,7 @@ def main(args):
             raise ValueError("--max_parse_retries must be >= 0 and --num_process >= 1")
         if not 0.0 <= args.keep_mcq_fraction <= 1.0:
             raise ValueError(f"--keep_mcq_fraction must be in [0, 1], got {args.keep_mcq_fraction}")
+        check_batch_args(args)
     except (InputError, PromptError, ValueError) as err:
         sys.exit(f"error: {err}")
     for index, item in enumerate(items):
@@ -244,7 +252,20 @@ def main(args):
             backoff_base=args.backoff_base,
             stats=stats,
         )
-        llm = LLMClient(api_url, args.model_name, api_key, max_tokens=args.max_tokens, **common)
+        batch = None
+        if args.batch_api:
+            # Only the main model goes through batches: the difficulty models are local servers.
+            batch = BatchQueue(
+                api_url,
+                api_key,
+                output_dir / f"{name}_batches",
+                window=args.batch_window,
+                poll_interval=args.poll_interval,
+                max_retries=args.max_retries,
+                backoff_base=args.backoff_base,
+                timeout=args.timeout,
+            )
+        llm = LLMClient(api_url, args.model_name, api_key, max_tokens=args.max_tokens, batch=batch, **common)
         small = [
             LLMClient(
                 url, model, args.difficulty_api_key, max_tokens=args.max_tokens, temperature=0.0, **common

@@ -18,6 +18,10 @@ Per problem (question x, ground-truth answer y*):
     python search_for_complex_reasoning_path.py --data_path data/demo_data.json --max_search_attempts 3 \\
         --max_search_depth 3 --model_name Qwen2.5-72B-Instruct --api_url http://127.0.0.1:8000/v1 \\
         --num_process 64 --language zh
+    # through the OpenAI Batch API at half the price: one batch per search round; rerun the same
+    # command after any interruption and it follows the batches already submitted
+    python search_for_complex_reasoning_path.py --data_path data/demo_data.json --max_search_attempts 3 \\
+        --max_search_depth 3 --model_name gpt-4o --batch_api --num_process 50000
 
 Input: a JSON list with `Open-ended Verifiable Question` and `Ground-True Answer` per item (the output of
 construct_verifiable_medical_problems.py; items it marked dropped or given up are passed over). Other keys
@@ -28,6 +32,7 @@ Output, under --output_dir (default output_data), for an input file <name>.json:
   <name>_CoT_search_<N>.json               the N items with a verified path (SFT data)
   <name>_CoT_search_given_up_<M>.json      the M items given up, each with its `reason` (if any)
   <name>_CoT_search_summary.json, <name>_CoT_search_args.json (no API key)
+  <name>_CoT_search_batches/               with --batch_api: the submitted batches and their results
 Record: the input keys plus `process_id` (1-based position in the input file), `status` (kept or
 given_up), `reason`, `Long_CoT` (steps of the last attempt), `verify` (one bool per verifier call of that
 attempt), `response_type` (its trail: Init_CoT, Re_CoT_<strategy>..., Label_CoT), `failed_attempts`
@@ -43,6 +48,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from huatuo.batch import BatchQueue, add_batch_args, check_batch_args
 from huatuo.items import ANSWER, QUESTION, VERIFIABLE, InputError, check_items, read_json
 from huatuo.llm import LLMClient, LLMError, Usage, add_api_args, normalize_api_url, resolve_api_key
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
@@ -130,6 +136,7 @@ def parse_args(argv=None):
     )
 
     add_api_args(parser, "reasons and verifies", num_process=5)
+    add_batch_args(parser)
     add_prompt_args(parser)
     return parser.parse_args(argv)
 
@@ -245,6 +252,7 @@ def main(args):
             raise ValueError("--max_search_attempts must be >= 1 and --max_search_depth >= 0")
         if args.max_parse_retries < 0 or args.num_process < 1:
             raise ValueError("--max_parse_retries must be >= 0 and --num_process >= 1")
+        check_batch_args(args)
     except (InputError, PromptError, ValueError) as err:
         sys.exit(f"error: {err}")
 
@@ -269,6 +277,17 @@ def main(args):
             timeout=args.timeout,
             stats=stats,
             max_tokens=args.max_tokens,
+            batch=BatchQueue(
+                api_url,
+                api_key,
+                output_dir / f"{name}_batches",
+                window=args.batch_window,
+                poll_interval=args.poll_interval,
+                max_retries=args.max_retries,
+                timeout=args.timeout,
+            )
+            if args.batch_api
+            else None,
         )
         try:
             counts = await run_all(

@@ -13,7 +13,10 @@ The paper averaged GPQA over five runs:
         --sources GPQA_Medical_test --n_runs 5
 Test-time scaling: `--n_samples 5` (majority vote over the extracted answers), `--thinking_budget 4096`
 (budget forcing). Any OpenAI-compatible service: `--base_url https://host/v1 --api chat` (the key is
-read from --api_key or OPENAI_API_KEY and never written anywhere).
+read from --api_key or OPENAI_API_KEY and never written anywhere). `--batch_api` asks an OpenAI model
+through the Batch API (chat only), all questions in one batch at half the price:
+    python evaluation/eval.py --model_name gpt-4o --eval_file evaluation/data/eval_data.json \
+        --base_url https://api.openai.com/v1 --batch_api
 
 Outputs in --output_dir, named as the original names them (NAME = <model name><eval file name>_<task>
 [_strict-prompt], plus _n<K>/_budget<T> when those are set):
@@ -46,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.scorer import score  # noqa: E402
+from huatuo.batch import BatchQueue, add_batch_args, check_batch_args  # noqa: E402
 from huatuo.items import InputError, load_eval_file  # noqa: E402
 from huatuo.llm import LLMClient, LLMError, normalize_api_url, resolve_api_key, wait_for_server  # noqa: E402
 from huatuo.store import GIVEN_UP, ItemStore, run_all, write_json_atomic  # noqa: E402
@@ -197,6 +201,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the heading that ends the thinking ('</think>' for R1-style models)",
     )
 
+    add_batch_args(parser)
+
     g = parser.add_argument_group("output")
     g.add_argument("--output_dir", default="evaluation/results", help="where outputs and saved replies go")
 
@@ -212,6 +218,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--thinking_budget must be at least 1")
     if args.thinking_budget is not None and args.api == "chat":
         parser.error("--thinking_budget continues the model's own text, which needs --api completions")
+    try:
+        check_batch_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.batch_api:
+        if args.api == "completions" or args.thinking_budget is not None:
+            parser.error("--batch_api sends chat completions: use --api chat, without --thinking_budget")
+        args.api = "chat"
     return args
 
 
@@ -584,6 +598,17 @@ def main(args: argparse.Namespace) -> dict:
             await wait_for_server(base_url, timeout=args.wait_timeout, api_key=api_key)
             nonlocal served
             served = await served_model(base_url, args.model_name, api_key)
+            batch = None
+            if args.batch_api:
+                batch = BatchQueue(
+                    base_url,
+                    api_key,
+                    output_dir / f"{name}_batches",
+                    window=args.batch_window,
+                    poll_interval=args.poll_interval,
+                    max_retries=args.max_retries,
+                    timeout=args.request_timeout,
+                )
             async with LLMClient(
                 base_url,
                 served,
@@ -591,6 +616,7 @@ def main(args: argparse.Namespace) -> dict:
                 concurrency=args.concurrency,
                 max_retries=args.max_retries,
                 timeout=args.request_timeout,
+                batch=batch,
             ) as llm:
                 await run_all(
                     jobs,

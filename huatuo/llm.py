@@ -38,6 +38,14 @@ class LLMError(Exception):
     """A request that failed for good (after its retries, or at once for a client error)."""
 
 
+class BatchRequestFailed(LLMError):
+    """A request of batch mode that failed for good, after being submitted in `calls` batches."""
+
+    def __init__(self, message: str, calls: int):
+        super().__init__(message)
+        self.calls = calls
+
+
 @dataclass
 class Reply:
     text: str
@@ -70,17 +78,45 @@ class Usage:
 # The usage of the item being processed: run_all sets a fresh Usage per item task, so every call the
 # item makes, however deep in the stage's code, is added to that item's totals as well as the run's.
 _item_usage: contextvars.ContextVar[Usage | None] = contextvars.ContextVar("item_usage", default=None)
+# The id of that item: batch mode names each request after its item and its place among the item's calls.
+_item_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("item_id", default=None)
+# Worker lanes of run_all still holding items: batch mode submits once every one of them waits on it.
+_busy_lanes = 0
 
 
 @contextlib.contextmanager
-def track_usage():
-    """Collect the usage of every call made inside this block (in this task) into the yielded Usage."""
+def track_usage(item_id: str | None = None):
+    """Collect the usage of every call made inside this block (in this task) into the yielded Usage;
+    `item_id` names the item those calls belong to."""
     usage = Usage()
     token = _item_usage.set(usage)
+    id_token = _item_id.set(item_id)
     try:
         yield usage
     finally:
+        _item_id.reset(id_token)
         _item_usage.reset(token)
+
+
+def current_item() -> str | None:
+    """The id given to the enclosing track_usage block, if any."""
+    return _item_id.get()
+
+
+@contextlib.contextmanager
+def worker_lane():
+    """Count this task as a worker lane until the block ends (see busy_lanes)."""
+    global _busy_lanes
+    _busy_lanes += 1
+    try:
+        yield
+    finally:
+        _busy_lanes -= 1
+
+
+def busy_lanes() -> int:
+    """Worker lanes that hold an item; 0 outside run_all."""
+    return _busy_lanes
 
 
 def normalize_api_url(url: str) -> str:
@@ -147,7 +183,7 @@ def add_api_args(parser: argparse.ArgumentParser, role: str, num_process: int) -
     return api
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None) -> float | None:
     if not value:
         return None
     try:
@@ -185,6 +221,7 @@ class LLMClient:
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         stats: Usage | None = None,
+        batch=None,
         **default_sampling,
     ):
         if concurrency < 1:
@@ -199,6 +236,8 @@ class LLMClient:
         self.backoff_max = backoff_max
         self.default_sampling = default_sampling
         self.stats = stats if stats is not None else Usage()
+        # A huatuo.batch.BatchQueue: chat requests then go through the Batch API instead of one by one.
+        self.batch = batch
         self._semaphore = asyncio.Semaphore(concurrency)
         self._session: aiohttp.ClientSession | None = None
 
@@ -213,6 +252,8 @@ class LLMClient:
         await self.close()
 
     async def close(self) -> None:
+        if self.batch is not None:
+            await self.batch.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -261,9 +302,13 @@ class LLMClient:
         return text
 
     async def _request(self, path: str, body: dict, chat: bool) -> Reply:
+        usage = _item_usage.get()
+        if self.batch is not None:
+            if not chat:
+                raise LLMError("batch mode sends chat completions only; use the chat API")
+            return await self._batch_request(body, usage)
         session = self._ensure_session()
         payload = json.dumps(body, ensure_ascii=False).encode()
-        usage = _item_usage.get()
         attempt = 0
         while True:
             try:
@@ -289,12 +334,32 @@ class LLMClient:
                 raise
             reply.calls = attempt + 1
             reply.retries = attempt
-            self.stats.prompt_tokens += reply.prompt_tokens
-            self.stats.completion_tokens += reply.completion_tokens
-            if usage is not None:
-                usage.prompt_tokens += reply.prompt_tokens
-                usage.completion_tokens += reply.completion_tokens
+            self._count_tokens(reply, usage)
             return reply
+
+    async def _batch_request(self, body: dict, usage: Usage | None) -> Reply:
+        # Counted here, in the worker's task, so that the item's own usage is charged too.
+        try:
+            reply = await self.batch.request(body)
+        except BatchRequestFailed as err:
+            self._count_calls(err.calls, usage)
+            self._count_failure(usage)
+            raise
+        self._count_calls(reply.calls, usage)
+        self._count_tokens(reply, usage)
+        return reply
+
+    def _count_calls(self, calls: int, usage: Usage | None) -> None:
+        for total in (self.stats, usage):
+            if total is not None:
+                total.calls += calls
+                total.retries += max(calls - 1, 0)
+
+    def _count_tokens(self, reply: Reply, usage: Usage | None) -> None:
+        for total in (self.stats, usage):
+            if total is not None:
+                total.prompt_tokens += reply.prompt_tokens
+                total.completion_tokens += reply.completion_tokens
 
     def _count_failure(self, usage: Usage | None) -> None:
         self.stats.failures += 1
@@ -306,7 +371,7 @@ class LLMClient:
             async with session.post(self.base_url + path, data=payload) as resp:
                 raw = await resp.read()
                 status = resp.status
-                retry_after = _retry_after_seconds(resp.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
         except asyncio.TimeoutError:
             raise _Retryable(f"no reply within {self.timeout:g} s") from None
         except aiohttp.ClientError as err:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from huatuo.llm import Usage, track_usage
+from huatuo.llm import Usage, track_usage, worker_lane
 
 KEPT, DROPPED, GIVEN_UP = "kept", "dropped", "given_up"
 _TMP_SUFFIX = ".tmp"
@@ -126,7 +126,7 @@ async def run_all(
         return line
 
     async def one(item: dict) -> None:
-        with track_usage() as usage:
+        with track_usage(str(key(item))) as usage:
             try:
                 record = await worker(item)
             except Exception as err:
@@ -139,8 +139,9 @@ async def run_all(
         bar.update(1)
 
     async def lane() -> None:
-        for item in queue:
-            await one(item)
+        with worker_lane():
+            for item in queue:
+                await one(item)
 
     try:
         await asyncio.gather(*(lane() for _ in range(max(1, min(concurrency, len(pending))))))

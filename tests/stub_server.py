@@ -170,6 +170,11 @@ class StubServer:
         outcome = self.responder(body)
         if isinstance(outcome, Fault):
             return await self._fault(request, outcome)
+        return web.json_response(self.completion(body, outcome, chat))
+
+    @staticmethod
+    def completion(body: dict, outcome: str, chat: bool = True) -> dict:
+        """The reply body of a (chat) completion answering `body` with the text `outcome`."""
         if chat:
             prompt = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
             choice = {
@@ -181,20 +186,18 @@ class StubServer:
             prompt = str(body.get("prompt", ""))
             choice = {"index": 0, "text": outcome, "finish_reason": "stop"}
         prompt_tokens, completion_tokens = _count_tokens(prompt), _count_tokens(outcome)
-        return web.json_response(
-            {
-                "id": "stub",
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": body.get("model", "stub"),
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
-            }
-        )
+        return {
+            "id": "stub",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model", "stub"),
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
 
     async def _fault(self, request: web.Request, fault: Fault) -> web.StreamResponse:
         if fault.kind == "status":
