@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import is_peft_model
 
 ADAPTER_SUBDIR = "adapter"
 ALL_LINEAR = "all-linear"
@@ -81,12 +82,6 @@ def lora_config(args, task_type: str = "CAUSAL_LM"):
         target_modules=ALL_LINEAR if targets == [ALL_LINEAR] else targets,
         task_type=task_type,
     )
-
-
-def is_peft_model(model) -> bool:
-    from accelerate.utils import is_peft_model as _is_peft_model
-
-    return _is_peft_model(model)
 
 
 # ==========================================================================================

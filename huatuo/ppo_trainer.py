@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import GenerationConfig, get_scheduler
 
 from huatuo.checkpoints import checkpoint_dirs, drop_logged_after
-from huatuo.lora import ADAPTER_SUBDIR, is_peft_model, save_merged
+from huatuo.lora import ADAPTER_SUBDIR, save_merged
 from huatuo.ppo import (
     PPOConfig,
     clipped_policy_loss,
