@@ -295,12 +295,22 @@ def test_resume_ends_where_an_uninterrupted_run_ends(trained, tiny_models, small
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in original], rel=1e-5)
 
 
-LORA_FLAGS = ("--save_steps", "1", "--max_ckpts", "10", "--lora_r", "8", "--learning_rate", "2e-2")
+LORA_FLAGS = (
+    "--save_steps",
+    "1",
+    "--max_ckpts",
+    "10",
+    "--lora_r",
+    "8",
+    "--learning_rate",
+    "2e-2",
+    "--packing",
+)
 
 
 @pytest.fixture(scope="module")
 def trained_lora(tiny_models, small_data, tmp_path_factory):
-    """The uninterrupted run of `trained`, training a rank-8 adapter instead of every weight."""
+    """The uninterrupted run of `trained`, training a rank-8 adapter instead of every weight, on packed rows."""
     tmp = tmp_path_factory.mktemp("sft_lora_run")
     SFT_stage1.main(_run_args(tiny_models, small_data, tmp, *LORA_FLAGS))
     return tmp
@@ -548,3 +558,32 @@ def test_zero3_launch_loads_partitioned_trains_saves_full_weights_and_resumes(
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert [r["step"] for r in _metrics(tmp_path / "logs")] == [1, 2, 3, 4]
+
+
+def test_zero3_lora_checkpoints_hold_the_full_merged_model(tiny_models, small_data, tmp_path):
+    """Under ZeRO-3 the stock save gathers only the adapter; tfmr/ must still get every weight, merged."""
+    from peft import PeftModel
+
+    (tmp_path / "zero3.yaml").write_text(ZERO3_CPU_CONFIG)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+        "--main_process_port", str(free_port()), str(ROOT / "SFT_stage1.py"),
+        "--model_path", str(tiny_models["policy"]), "--data_path", str(small_data),
+        "--output_dir", str(tmp_path / "ckpts"), "--log_dir", str(tmp_path / "logs"), "--max_seq_len", "256",
+        "--train_bsz_per_gpu", "4", "--gradient_accumulation_steps", "1", "--n_epochs", "1",
+        "--report_to", "none", "--lora_r", "8", "--learning_rate", "2e-2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = latest_checkpoint(tmp_path / "ckpts" / "sft_stage1")
+    assert final.name == "checkpoint-0-2" and (final / "global_step2").is_dir()
+    merged = AutoModelForCausalLM.from_pretrained(final / "tfmr")
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    assert merged.state_dict().keys() == base.state_dict().keys()
+    ids = torch.tensor([list(range(5, 60))])
+    with torch.no_grad():
+        merged_logits, base_logits = merged(input_ids=ids).logits, base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, final / "adapter")(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, adapted, rtol=1e-5, atol=1e-5)
+    assert (merged_logits - base_logits).abs().max() > 1e-3  # the adapter learned something
