@@ -27,6 +27,7 @@ bench: install
 	$(PYTHON) bench/bench_scorer_speed.py
 	$(PYTHON) bench/bench_sft_packing.py
 	$(PYTHON) bench/bench_ppo.py
+	$(PYTHON) bench/bench_lora.py
 
 lint: install
 	$(PYTHON) -m ruff check .
