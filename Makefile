@@ -33,6 +33,7 @@ bench: install
 	$(PYTHON) bench/bench_sft_packing.py
 	$(PYTHON) bench/bench_ppo.py
 	$(PYTHON) bench/bench_real_model.py
+	$(PYTHON) bench/bench_lora.py
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -32,13 +32,29 @@ A minute on a CPU with the tiny offline models and the rule verifier:
         --gradient_accumulation_steps 2 --local_rollout_forward_batch_size 4 --learning_rate 1e-5 \\
         --save_strategy steps --save_steps 4 --eval_strategy steps --eval_steps 4 --report_to none
 
+LoRA (--lora_r R, any --algorithm): the policy trains an adapter on frozen weights; for PPO the reference is the
+policy with its adapter switched off (one model copy fewer) and the value model gets an adapter of its own
+(--no_lora_value_model trains it in full). An 8B policy with a 3B value model on two 24 GB GPUs (ZeRO-3 with
+CPU offload; LoRA wants a larger learning rate than full training):
+
+    accelerate launch --num_processes 2 --config_file configs/deepspeed_zero3.yaml RL_stage2.py \\
+        --model_name_or_path ckpts/sft_stage1/checkpoint-2-468/tfmr \\
+        --value_model_path meta-llama/Llama-3.2-3B-Instruct \\
+        --reward_model_path FreedomIntelligence/medical_o1_verifier_3B \\
+        --dataset_name data/medical_o1_verifiable_problem.json --lora_r 16 --learning_rate 2e-5 \\
+        --response_length 1300 --local_rollout_forward_batch_size 4 --per_device_train_batch_size 1 \\
+        --gradient_accumulation_steps 16 --bf16 True --gradient_checkpointing True --output_dir ckpts/ppo_lora
+    # GRPO with the Dr. GRPO length-unbiased loss, same LoRA settings
+    ... RL_stage2.py --algorithm grpo --loss_type dr_grpo --lora_r 16 ...
+
 Resume an interrupted run with --resume_from_checkpoint latest (or a checkpoint-N path). Batch sizes:
 each update rolls out per_device_train_batch_size x gradient_accumulation_steps x num_mini_batches
 prompts per process; updates = ceil(total_episodes / (that x processes)). There is no constraint tying
 --local_rollout_forward_batch_size to the number of processes, nor --num_mini_batches to
 --per_device_train_batch_size: the script checks the relations that do matter before loading a model.
 Outputs in --output_dir: checkpoint-<update>/ (policy with tokenizer, value/, state/), the final policy at
-the top, metrics.jsonl (one line per update; eval/ keys every --eval_steps), samples/, run_args.json.
+the top, metrics.jsonl (one line per update; eval/ keys every --eval_steps), samples/, run_args.json. With
+--lora_r every policy and value folder holds the merged model (servable) and the adapter alone in adapter/.
 """
 
 import argparse
@@ -59,6 +75,7 @@ from transformers import (
 
 from huatuo.checkpoints import find_checkpoint
 from huatuo.items import ANSWER, QUESTION, InputError, read_json
+from huatuo.lora import LoraArguments, check_lora_arguments, lora_config
 from huatuo.models import attn_implementation, ensure_chat_template, ensure_pad_token, load_records
 from huatuo.ppo import PPOConfig, config_for_saving, plan_for
 from huatuo.ppo_trainer import PPOTrainer
@@ -88,6 +105,13 @@ class ScriptArguments:
     )
     num_generations: int = field(
         default=4, metadata={"help": "GRPO/RLOO only: responses sampled per prompt."}
+    )
+    loss_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "GRPO only: TRL's loss aggregation, passed through: grpo, dr_grpo (Dr. GRPO, length-unbiased), "
+            "dapo, bnpo, cispo, sapo, luspo, vespo. Default: TRL's (dapo)."
+        },
     )
 
 
@@ -123,20 +147,35 @@ class ModelArguments:
     llm_judge_model: str = field(
         default="gpt-4o", metadata={"help": "Model name for --reward_model_path llm:<url>."}
     )
+    lora_value_model: bool = field(
+        default=True,
+        metadata={
+            "help": "PPO with --lora_r: give the value model a LoRA adapter of its own (its score head trains in "
+            "full); --no_lora_value_model trains the whole value model."
+        },
+    )
 
 
 def parse_args(argv=None):
     parser = HfArgumentParser(
-        (ScriptArguments, ModelArguments, PPOConfig),
+        (ScriptArguments, ModelArguments, LoraArguments, PPOConfig),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    script_args, model_args, config = parser.parse_args_into_dataclasses(args=argv)
+    script_args, model_args, lora_args, config = parser.parse_args_into_dataclasses(args=argv)
     if script_args.algorithm not in ("ppo", "grpo", "rloo"):
         parser.error(f"--algorithm must be ppo, grpo or rloo, got {script_args.algorithm!r}")
     if not 0 <= script_args.eval_fraction < 1:
         parser.error(f"--eval_fraction must be in [0, 1), got {script_args.eval_fraction}")
-    return script_args, model_args, config
+    if script_args.loss_type is not None and script_args.algorithm != "grpo":
+        parser.error(
+            f"--loss_type selects a GRPO loss; it does not apply to --algorithm {script_args.algorithm}"
+        )
+    try:
+        check_lora_arguments(lora_args)
+    except ValueError as err:
+        parser.error(str(err))
+    return script_args, model_args, lora_args, config
 
 
 def load_problems(script_args, seed: int) -> tuple[list[dict], list[dict], int]:
@@ -198,7 +237,7 @@ def check_same_tokenizer(tokenizer, value_model_path: str) -> None:
 
 
 def main(args):
-    script_args, model_args, config = args
+    script_args, model_args, lora_args, config = args
     from accelerate import PartialState
 
     state = PartialState()
@@ -228,11 +267,13 @@ def main(args):
     else:
         from huatuo.rl_trl import check_trl_batch
 
-        trl_args = argparse.Namespace(**{**vars(config), **vars(model_args), **vars(script_args)})
+        trl_args = argparse.Namespace(
+            **{**vars(config), **vars(model_args), **vars(lora_args), **vars(script_args)}
+        )
         # TRL's reward function reads the "reference" column, which Trainer's default would strip
         trl_args.remove_unused_columns = False
         check_trl_batch(script_args.algorithm, trl_args, state.num_processes)
-    run_args = {**vars(script_args), **vars(model_args), **config_for_saving(config)}
+    run_args = {**vars(script_args), **vars(model_args), **vars(lora_args), **config_for_saving(config)}
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_args(output_dir / "run_args.json", run_args, secret_keys=("hub_token", "api_key"))
@@ -269,16 +310,26 @@ def main(args):
     policy = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path, dtype=torch.float32, **model_kwargs
     )
-    ref_dtype = torch.bfloat16 if config.bf16 else torch.float32
-    ref_policy = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=ref_dtype, **model_kwargs
-    )
+    if lora_args.lora_r:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(lora_args))
+        ref_policy = None  # the reference is the policy with its adapter switched off: no second copy
+    else:
+        ref_dtype = torch.bfloat16 if config.bf16 else torch.float32
+        ref_policy = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, dtype=ref_dtype, **model_kwargs
+        )
     if value_path != model_args.model_name_or_path:
         check_same_tokenizer(tokenizer, value_path)
     value_model = AutoModelForSequenceClassification.from_pretrained(
         value_path, num_labels=1, dtype=torch.float32, **model_kwargs
     )
     value_model.config.pad_token_id = tokenizer.pad_token_id
+    if lora_args.lora_r and model_args.lora_value_model:
+        from peft import get_peft_model
+
+        value_model = get_peft_model(value_model, lora_config(lora_args, task_type="SEQ_CLS"))
 
     # ==============================================================================
     # Run: PPO updates with periodic evaluation and checkpoints

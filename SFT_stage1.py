@@ -20,9 +20,14 @@ first use (a minute or more); a build killed midway leaves a `lock` file in
 ~/.cache/torch_extensions/*/cpu_adam/ that makes every later run wait for it: delete that folder to rebuild.
 Resume an interrupted run (same flags plus --resume):
     python SFT_stage1.py --model_path ... --data_path ... --resume
+LoRA instead of full training (an 8B model on two 24 GB GPUs; LoRA wants a larger learning rate):
+    accelerate launch --config_file configs/deepspeed_zero3.yaml --num_processes 2 SFT_stage1.py \\
+        --model_path meta-llama/Llama-3.1-8B-Instruct --data_path data/medical_o1_sft_en.json \\
+        --gradient_checkpointing --packing --lora_r 16 --learning_rate 1e-4
 
 Outputs: <output_dir>/<experiment_name>/checkpoint-<epoch>-<global_step>/tfmr (model + tokenizer, loadable by
-AutoModelForCausalLM and servable), with the training position beside tfmr/; <log_dir>/<experiment_name>/:
+AutoModelForCausalLM and servable; with --lora_r the adapter merged in, and the adapter alone in adapter/ beside
+it), with the training position beside tfmr/; <log_dir>/<experiment_name>/:
 metrics.jsonl (one line per logging step), args.json, examples.json (--dump_examples), wandb/ (offline).
 """
 
@@ -36,6 +41,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
+from huatuo.lora import add_lora_arguments, check_lora_arguments, lora_config
 from huatuo.models import (
     attn_implementation,
     bf16_by_default,
@@ -146,7 +152,12 @@ def parse_args(argv=None):
         "Same batches and loss as without it, fewer wasted tokens.",
     )
     opt.add_argument("--seed", type=int, default=42, help="Seed for data order and initialisation.")
+    add_lora_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        check_lora_arguments(args)
+    except ValueError as err:
+        parser.error(str(err))
     for name in (
         "max_seq_len",
         "max_ckpts",
@@ -337,6 +348,7 @@ def main(args):
         processing_class=tokenizer,
         callbacks=callbacks,
         max_ckpts=args.max_ckpts,
+        peft_config=lora_config(args) if args.lora_r else None,
     )
 
     # ------------------------------------------------------------------ train

@@ -1,5 +1,9 @@
 """The PPO trainer of stage 2 on accelerate (DeepSpeed ZeRO-3 capable): rollout, scoring, updates, evaluation,
-logging and checkpoints. The algorithm's arithmetic lives in huatuo.ppo; this file runs it on real models."""
+logging and checkpoints. The algorithm's arithmetic lives in huatuo.ppo; this file runs it on real models.
+
+With a LoRA policy (a peft model) the trainer takes no reference model: the frozen reference is the policy with its
+adapter switched off, which saves a full copy of the weights. Saved policy and value folders then hold the merged
+weights, with the adapters alone in adapter/ inside them."""
 
 from __future__ import annotations
 
@@ -15,10 +19,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import GenerationConfig, get_scheduler
 
 from huatuo.checkpoints import checkpoint_dirs, drop_logged_after
+from huatuo.lora import ADAPTER_SUBDIR, save_merged
 from huatuo.ppo import (
     PPOConfig,
     clipped_policy_loss,
@@ -73,6 +79,8 @@ def response_logits(policy, input_ids, attention_mask, position_ids, response_le
 
 def token_values(value_model, input_ids, attention_mask, position_ids, response_length: int) -> torch.Tensor:
     """The value head on the state before each response token: values[:, t] estimates the return from token t."""
+    if is_peft_model(value_model):  # its adapter layers sit inside the base model, which holds the backbone
+        value_model = value_model.get_base_model()
     backbone = getattr(value_model, value_model.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
@@ -104,6 +112,8 @@ class Reward(Protocol):
 class PPOTrainer:
     """Runs PPO updates, evaluates, logs and checkpoints.
 
+    ref_policy: the frozen reference, or None when the policy is a peft (LoRA) model, whose reference is then
+    itself with the adapter disabled.
     train_dataset / eval_dataset: lists of {"input_ids": prompt token ids, "reference": answer text}.
     reward_fn: judge(responses, references) gives True / False / None (malformed) per response and
     rewards(judgements) the scores, so correct and format rates come with every score.
@@ -131,6 +141,11 @@ class PPOTrainer:
         self.run_config = run_config or {}
         if not train_dataset:
             raise ValueError("the training set is empty")
+        if ref_policy is None and not is_peft_model(policy):
+            raise ValueError(
+                "no reference model given and the policy has no adapter to switch off: pass the reference "
+                "policy, or train a LoRA adapter (--lora_r) so that the base weights serve as the reference"
+            )
 
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -161,8 +176,10 @@ class PPOTrainer:
         from trl.trainer.utils import disable_dropout_in_model
 
         for module in (policy, ref_policy, value_model):
-            disable_dropout_in_model(module)
-        ref_policy.requires_grad_(False)
+            if module is not None:
+                disable_dropout_in_model(module)
+        if ref_policy is not None:
+            ref_policy.requires_grad_(False)
 
         model = PolicyAndValue(policy, value_model)
         optimizer = torch.optim.AdamW(
@@ -184,7 +201,9 @@ class PPOTrainer:
             scheduler_specific_kwargs=config.lr_scheduler_kwargs or None,
         )
         acc.register_for_checkpointing(self.scheduler)
-        if acc.distributed_type == "DEEPSPEED":
+        if ref_policy is None:
+            self.ref_policy = None
+        elif acc.distributed_type == "DEEPSPEED":
             from trl.models.utils import prepare_deepspeed
 
             self.ref_policy = prepare_deepspeed(ref_policy, acc)
@@ -311,6 +330,15 @@ class PPOTrainer:
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         return Rollout(queries, query_mask, responses, response_mask, has_stop, texts)
 
+    @contextmanager
+    def _reference_policy(self, policy):
+        """The frozen reference: its own model, or the LoRA policy with its adapter switched off."""
+        if self.ref_policy is not None:
+            yield self.ref_policy
+            return
+        with policy.disable_adapter():
+            yield policy
+
     @staticmethod
     def _joined(rollout: Rollout, rows, device):
         """Query+response ids, attention mask and positions for `rows`, trimmed to the columns they use."""
@@ -345,7 +373,8 @@ class PPOTrainer:
                     logits, target, temperature=args.temperature
                 ).cpu()
                 del logits
-                ref_logits = response_logits(self.ref_policy, ids, mask, pos, width)
+                with self._reference_policy(wrapper.policy) as reference:
+                    ref_logits = response_logits(reference, ids, mask, pos, width)
                 ref_logprobs[rows, :width] = selective_log_softmax(
                     ref_logits, target, temperature=args.temperature
                 ).cpu()
@@ -557,19 +586,22 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_model(self, directory: Path) -> None:
-        """Write the policy (with tokenizer) as a Hugging Face folder, and the value model under value/."""
+        """Write the policy (with tokenizer) as a Hugging Face folder, and the value model under value/. A LoRA
+        model is written merged, with its adapter in adapter/ inside its folder."""
         acc = self.accelerator
         state = acc.get_state_dict(self.model)
         if acc.is_main_process:
             wrapper = acc.unwrap_model(self.model)
-            policy_state = {k[len("policy.") :]: v for k, v in state.items() if k.startswith("policy.")}
-            value_state = {
-                k[len("value_model.") :]: v for k, v in state.items() if k.startswith("value_model.")
-            }
-            wrapper.policy.save_pretrained(directory, state_dict=policy_state)
-            self.tokenizer.save_pretrained(directory)
-            wrapper.value_model.save_pretrained(directory / "value", state_dict=value_state)
-            self.tokenizer.save_pretrained(directory / "value")
+            for model, prefix, folder in (
+                (wrapper.policy, "policy.", directory),
+                (wrapper.value_model, "value_model.", directory / "value"),
+            ):
+                own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+                if is_peft_model(model):
+                    save_merged(model, own, folder, folder / ADAPTER_SUBDIR)
+                else:
+                    model.save_pretrained(folder, state_dict=own)
+                self.tokenizer.save_pretrained(folder)
         acc.wait_for_everyone()
 
     def save_checkpoint(self) -> Path:

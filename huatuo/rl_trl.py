@@ -19,6 +19,12 @@ report_to, run_name, seed, ...) are copied as they are:
                          as in PPO, and TRL reuses each sampled batch for num_iterations optimizer steps, so
                          the three algorithms spend the same generation budget
     rollout_backend "vllm" -> use_vllm (colocated with training)
+    loss_type (GRPO)  -> loss_type (grpo, dr_grpo, dapo, ...; TRL's default when unset)
+    lora_r, lora_alpha, lora_dropout, lora_target_modules -> peft_config (a LoRA adapter; TRL then computes the
+                         reference log-probabilities with the adapter switched off, so no second model is loaded)
+
+With LoRA every checkpoint-N/ and the final folder hold the merged model (servable as a full fine-tune) and the
+adapter alone in adapter/; resuming reads the adapter back from there.
 
 Besides TRL's own metrics (reward, kl, entropy, clip ratios, completion lengths), every log carries the
 verifier's correct_rate and format_rate (eval_ prefixed on the held-out split) and is appended to
@@ -37,11 +43,23 @@ from transformers import AutoTokenizer, TrainerCallback, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from huatuo.checkpoints import drop_logged_after, find_checkpoint
+from huatuo.lora import MergedLoraSaveMixin, lora_config
 from huatuo.models import attn_implementation, ensure_chat_template
 from huatuo.reward import RewardFunction, reward_stats
 
-TRL_ALGORITHMS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
+
+class MergedGRPOTrainer(MergedLoraSaveMixin, GRPOTrainer):
+    """GRPOTrainer whose LoRA saves are merged and servable (huatuo/lora.py)."""
+
+
+class MergedRLOOTrainer(MergedLoraSaveMixin, RLOOTrainer):
+    """RLOOTrainer whose LoRA saves are merged and servable (huatuo/lora.py)."""
+
+
+TRL_ALGORITHMS = {"grpo": (GRPOConfig, MergedGRPOTrainer), "rloo": (RLOOConfig, MergedRLOOTrainer)}
 DEFAULT_NUM_GENERATIONS = 4
+# TRL 1.16's GRPO loss aggregations, checked here so that a typo fails before any model loads.
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo")
 
 # Stage-2 flag name -> TRL config field.
 RENAMED = {
@@ -133,6 +151,13 @@ def trl_config(algorithm: str, args, world_size: int | None = None, evaluate: bo
         if getattr(args, ours, None) is not None:
             fields[theirs] = getattr(args, ours)
     fields.setdefault("num_generations", DEFAULT_NUM_GENERATIONS)
+    loss_type = getattr(args, "loss_type", None)
+    if loss_type is not None:
+        if algorithm != "grpo":
+            raise ValueError(f"--loss_type selects a GRPO loss; it does not apply to {algorithm}")
+        if loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"--loss_type must be one of {', '.join(GRPO_LOSS_TYPES)}, got {loss_type!r}")
+        fields["loss_type"] = loss_type
     # Eval asks for one response per held-out prompt, as PPO's evaluation does: mean reward, correct and
     # format rates of the policy's own sample.
     fields["num_generations_eval"] = 1
@@ -189,6 +214,7 @@ def train_with_trl(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         callbacks=[MetricsFileCallback(Path(config.output_dir) / "metrics.jsonl"), *(callbacks or [])],
+        peft_config=lora_config(args) if getattr(args, "lora_r", 0) else None,
     )
     trainer.train(
         resume_from_checkpoint=find_checkpoint(

@@ -8,6 +8,7 @@ What this adds to the stock trainer:
 - supervised and total tokens per second, and a plain `metrics.jsonl` with one line per logging step;
 - on a CPU, the loss from the model's own head over the full logits (TRL's fused, tiled head is made for
   Triton GPUs and halves the step's speed without them), token accuracy logged as TRL logs it;
+- with a LoRA adapter (peft_config), tfmr/ holds the merged model and the adapter alone goes to adapter/ beside it;
 - `sdpa_varlen`, an attention for padding-free batches without flash-attn (CPU): PyTorch's causal sdpa kernel
   run on each example of the packed row, so no example attends to another and no masked kernel spans the row.
 
@@ -32,6 +33,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_callback import ExportableState
 from trl import SFTTrainer
 
+from huatuo.lora import ADAPTER_SUBDIR, MergedLoraSaveMixin
 from huatuo.report import read_jsonl
 
 IGNORE_INDEX = -100
@@ -135,7 +137,7 @@ class MetricsFileCallback(TrainerCallback):
             f.write(json.dumps(row) + "\n")
 
 
-class SFTStage1Trainer(SFTTrainer):
+class SFTStage1Trainer(MergedLoraSaveMixin, SFTTrainer):
     """SFTTrainer with the stage's checkpoint layout and throughput logging (see the module docstring)."""
 
     def __init__(self, *args, max_ckpts: int = 2, **kwargs):
@@ -206,6 +208,9 @@ class SFTStage1Trainer(SFTTrainer):
         return int(self.accelerator.reduce(self._supervised_total.clone(), reduction="sum").item())
 
     # ---- checkpoints ----
+    def adapter_dir(self, model_dir: Path) -> Path:
+        return Path(model_dir).parent / ADAPTER_SUBDIR  # checkpoint-*/adapter beside checkpoint-*/tfmr
+
     def _save_checkpoint(self, model, trial):
         step = self.state.global_step
         if step == self._last_saved_step:  # a --save_steps save that fell on an epoch end

@@ -125,22 +125,33 @@ def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_grpo_learns_the_toy_task(warm_policy, tmp_path):
+LORA = dict(lora_r=8, lora_alpha=None, lora_dropout=0.0, lora_target_modules=["all-linear"])
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_grpo_learns_the_toy_task(warm_policy, tmp_path, lora):
     from huatuo.rl_trl import train_with_trl
 
     before = sampled_reward(warm_policy)
+    # The adapter cannot touch the output head, where full training shifts red against blue directly, so it
+    # climbs more slowly: twice the steps at a similar step size.
+    steps, extra = (32, dict(LORA, learning_rate=3e-3)) if lora else (16, {})
     args = stage2_args(
-        model_name_or_path=str(warm_policy), output_dir=str(tmp_path / "grpo"), total_episodes=8 * 16
+        model_name_or_path=str(warm_policy),
+        output_dir=str(tmp_path / "grpo"),
+        total_episodes=8 * steps,
+        **extra,
     )
     train_with_trl("grpo", args, toy_dataset(64), None, RewardFunction("rule"))
-    after = sampled_reward(tmp_path / "grpo")
+    after = sampled_reward(tmp_path / "grpo")  # with LoRA the merged model, as a server would load it
 
     train_logs = [m for m in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "reward" in m]
-    assert len(train_logs) == 16  # ceil(total_episodes / (8 per device * 1 accumulation * 1 process))
+    assert len(train_logs) == steps  # ceil(total_episodes / (8 per device * 1 accumulation * 1 process))
     first, last = [sum(m["reward"] for m in logs) / 4 for logs in (train_logs[:4], train_logs[-4:])]
     assert 0.4 < before < 0.75  # well formed, red about half the time
     assert after > 0.9
     assert last > first + 0.2
+    assert (tmp_path / "grpo" / "adapter" / "adapter_config.json").is_file() == lora
     assert all(0.0 <= m["correct_rate"] <= m["format_rate"] <= 1.0 for m in train_logs)
 
 
@@ -212,6 +223,11 @@ def test_flag_mapping_and_batch_checks():
     # ceil(20000 * 3 / (1 * 16 * 8)) steps
     assert config.max_steps == 469
     assert config.save_steps == 20 and config.hub_token is None
+    assert config.loss_type == "dapo"  # TRL's default when --loss_type is not given
+    assert (
+        trl_config("grpo", SimpleNamespace(**{**vars(args), "loss_type": "dr_grpo"}), 8).loss_type
+        == "dr_grpo"
+    )
     assert config.activation_checkpointing and config.gradient_checkpointing
     assert (
         not config.use_vllm
@@ -226,6 +242,10 @@ def test_flag_mapping_and_batch_checks():
         )
     with pytest.raises(ValueError, match="at least 2"):
         check_trl_batch("rloo", stage2_args(num_generations=1), 1)
+    with pytest.raises(ValueError, match="--loss_type must be one of grpo, dr_grpo"):
+        trl_config("grpo", SimpleNamespace(**{**vars(args), "loss_type": "drgrpo"}), 8)
+    with pytest.raises(ValueError, match="--loss_type selects a GRPO loss"):
+        trl_config("rloo", SimpleNamespace(**{**vars(args), "loss_type": "dr_grpo"}), 8)
     with pytest.raises(ValueError, match="unknown algorithm 'dpo'"):
         trl_config("dpo", args)
 

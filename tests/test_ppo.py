@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from peft import get_peft_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -26,6 +28,7 @@ from transformers import (
 import RL_stage2
 from huatuo.checkpoints import find_checkpoint
 from huatuo.items import InputError
+from huatuo.lora import lora_config
 from huatuo.models import ensure_pad_token
 from huatuo.ppo import (
     PPOConfig,
@@ -38,7 +41,7 @@ from huatuo.ppo import (
     plan_batches,
     stop_mask,
 )
-from huatuo.ppo_trainer import PPOTrainer, make_vllm_rollout
+from huatuo.ppo_trainer import PPOTrainer, make_vllm_rollout, response_logits
 from huatuo.reward import RewardFunction, rule_judge
 from tests.conftest import ZERO3_CPU_CONFIG
 
@@ -211,7 +214,7 @@ def test_seed_command_parses(tmp_path, monkeypatch):
         "--dataset_name", "problems.json",
     ] + [flag.format(out=tmp_path) for flag in SEED_FLAGS]  # fmt: skip
     with pytest.warns(UserWarning, match="no bf16 support"):
-        script_args, model_args, config = RL_stage2.parse_args(argv)
+        script_args, model_args, _, config = RL_stage2.parse_args(argv)
     assert model_args.value_model_path == "value" and script_args.algorithm == "ppo"
     assert config.save_steps == 20  # --save_step is argparse's abbreviation of --save_steps
     assert config.bf16 is False  # no bf16 on the device: warned and trained in fp32
@@ -455,6 +458,64 @@ def test_a_kill_while_replacing_a_checkpoint_leaves_one_to_resume_from(tmp_path,
 
 
 # ------------------------------------------------------------------------------------------------
+# LoRA: the reference is the policy with its adapter switched off
+# ------------------------------------------------------------------------------------------------
+def lora_toy_models(adapter_seed: int = 0):
+    """The toy models with a rank-4 adapter on the policy and one on the value model; no reference model."""
+    tokenizer, policy, _, value, data = toy_models()
+    lora = SimpleNamespace(lora_r=4, lora_alpha=None, lora_dropout=0.0, lora_target_modules=["all-linear"])
+    torch.manual_seed(adapter_seed)
+    policy = get_peft_model(policy, lora_config(lora))
+    value = get_peft_model(value, lora_config(lora, task_type="SEQ_CLS"))
+    return tokenizer, policy, None, value, data
+
+
+def test_lora_reference_is_the_base_model_and_resume_is_exact(tmp_path):
+    from safetensors.torch import load_file
+    from trl.trainer.utils import selective_log_softmax
+
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    checkpointing = dict(save_strategy="steps", save_steps=1, save_total_limit=1, num_ppo_epochs=1)
+    tokenizer, policy, _, value, data = lora_toy_models()
+    trainer = PPOTrainer(
+        toy_config(straight, 3, num_ppo_epochs=1), tokenizer, policy, None, value, RuleOnAnswer(), data
+    )
+    trainer.train()
+    run_toy(interrupted, 2, lora_toy_models(), **checkpointing)
+    # resumed with other initial adapters, which the checkpoint replaces
+    run_toy(interrupted, 3, lora_toy_models(adapter_seed=1), resume=True, **checkpointing)
+    assert [m["update"] for m in read_metrics(interrupted)] == [1, 2, 3]
+    expected, got = final_weights(straight), final_weights(interrupted)
+    for name, tensor in expected.items():
+        assert torch.allclose(tensor, got[name], atol=1e-6), name
+    for folder in ("adapter", "value/adapter"):
+        expected = load_file(straight / folder / "adapter_model.safetensors")
+        got = load_file(interrupted / folder / "adapter_model.safetensors")
+        assert expected.keys() == got.keys() and expected, folder
+        assert all(torch.allclose(tensor, got[k], atol=1e-6) for k, tensor in expected.items()), folder
+    assert (interrupted / "checkpoint-3" / "adapter" / "adapter_config.json").is_file()
+
+    # After training, the reference log-probabilities are still the untouched base model's, while the
+    # policy's own (adapter on) have moved away from them.
+    _, base, _, _, _ = toy_models()
+    rollout = trainer._sample([row["input_ids"] for row in data * 4], temperature=1.0)
+    scored = trainer._score_rollout(rollout, [row["reference"] for row in data * 4])
+    ids, mask, positions, width = PPOTrainer._joined(rollout, torch.arange(len(data) * 4), "cpu")
+    with torch.no_grad():
+        base_logits = response_logits(base.eval(), ids, mask, positions, width)
+    base_logprobs = selective_log_softmax(base_logits, ids[:, -width:], temperature=1.0)
+    valid = rollout.response_mask[:, :width]
+    assert torch.allclose(scored["ref_logprobs"][:, :width][valid], base_logprobs[valid], atol=1e-5)
+    assert (scored["logprobs"][:, :width][valid] - base_logprobs[valid]).abs().max() > 1e-3
+
+
+def test_a_missing_reference_needs_a_lora_policy(tmp_path):
+    tokenizer, policy, _, value, data = toy_models()
+    with pytest.raises(ValueError, match="no reference model given"):
+        PPOTrainer(toy_config(tmp_path, 1), tokenizer, policy, None, value, RuleOnAnswer(), data)
+
+
+# ------------------------------------------------------------------------------------------------
 # The seed command, scaled down, end to end on the tiny policy, value model and verifier
 # ------------------------------------------------------------------------------------------------
 def test_seed_command_end_to_end_on_tiny_models(tiny_models, tmp_path):
@@ -661,3 +722,62 @@ def test_grpo_runs_through_the_stage_script(tiny_models, tmp_path):
     # the reward column reached TRL's reward function: its mean and the verifier's rates are logged
     assert any("rewards/medical_verifier/mean" in m and "correct_rate" in m for m in logged), logged
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == 512
+
+
+def test_lora_runs_through_the_stage_script_and_saves_servable_models(tiny_models, tmp_path):
+    """PPO (value model trained in full) and GRPO with the Dr. GRPO loss, each with --lora_r: the final folder
+    and every checkpoint hold a merged model that loads and generates, with the adapter in adapter/."""
+    from safetensors.torch import load_file
+
+    items = [
+        {QUESTION: f"Which vitamin deficiency causes sign {i}?", ANSWER: f"vitamin {i}"} for i in range(10)
+    ]
+    data = write_problems(tmp_path / "problems.json", items)
+    common = [
+        "--model_name_or_path", str(tiny_models["policy"]), "--reward_model_path", "rule", "--dataset_name", str(data),
+        "--response_length", "6", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+        "--save_strategy", "steps", "--save_steps", "1", "--eval_strategy", "no", "--report_to", "none",
+        "--lora_r", "4", "--learning_rate", "1e-3",
+    ]  # fmt: skip
+    ppo, grpo = tmp_path / "ppo", tmp_path / "grpo"
+    RL_stage2.main(RL_stage2.parse_args([
+        *common, "--output_dir", str(ppo), "--total_episodes", "8", "--value_model_path", str(tiny_models["value"]),
+        "--local_rollout_forward_batch_size", "4", "--no_lora_value_model",
+    ]))  # fmt: skip
+    grpo_flags = [*common, "--algorithm", "grpo", "--loss_type", "dr_grpo", "--num_generations", "4",
+                  "--num_ppo_epochs", "1", "--logging_steps", "1"]  # fmt: skip
+    RL_stage2.main(RL_stage2.parse_args([*grpo_flags, "--output_dir", str(grpo), "--total_episodes", "4"]))
+    # a second GRPO run with a larger budget resumes from the adapter saved in checkpoint-1/adapter
+    resumed = [
+        *grpo_flags,
+        "--output_dir",
+        str(grpo),
+        "--total_episodes",
+        "8",
+        "--resume_from_checkpoint",
+        "latest",
+    ]
+    RL_stage2.main(RL_stage2.parse_args(resumed))
+    assert [m["step"] for m in read_metrics(grpo) if "reward" in m] == [1, 2]
+
+    for folder in (ppo, ppo / "checkpoint-1", grpo, grpo / "checkpoint-2"):
+        assert not (folder / "adapter_config.json").exists(), folder  # loads as a full model, not an adapter
+        config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+        assert config["r"] == 4 and config["base_model_name_or_path"] == str(tiny_models["policy"])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Which vitamin?"}], add_generation_prompt=True, return_tensors="pt",
+            return_dict=True,
+        )  # fmt: skip
+        generated = model.generate(**prompt, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert generated.shape[1] == prompt["input_ids"].shape[1] + 3
+    # --no_lora_value_model: the value model trained every weight, its embeddings included, and has no adapter
+    value = AutoModelForSequenceClassification.from_pretrained(ppo / "value").state_dict()
+    start = load_file(tiny_models["value"] / "model.safetensors")
+    assert not (ppo / "value" / "adapter").exists()
+    assert not torch.equal(value["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    saved = json.loads((grpo / "run_args.json").read_text())
+    assert saved["loss_type"] == "dr_grpo" and saved["lora_r"] == 4
+    with pytest.raises(SystemExit):
+        RL_stage2.parse_args([*common, "--output_dir", str(ppo), "--loss_type", "dr_grpo"])  # PPO has none

@@ -130,6 +130,48 @@ def test_transformers_backend_end_to_end(tmp_path, tiny_models, decoys):
     assert all(d.poll() is None for d in decoys)
 
 
+def test_a_lora_checkpoint_serves_and_answers(tmp_path, tiny_models):
+    """An SFT checkpoint trained with --lora_r: its tfmr/ (adapter merged in) serves like any model folder."""
+    import SFT_stage1
+
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps(json.loads((ROOT / "data" / "demo_data.json").read_text())[:4]))
+    SFT_stage1.main(SFT_stage1.parse_args([
+        "--model_path", str(tiny_models["policy"]), "--data_path", str(data), "--output_dir", str(tmp_path / "ckpts"),
+        "--log_dir", str(tmp_path / "logs"), "--max_seq_len", "128", "--train_bsz_per_gpu", "4",
+        "--gradient_accumulation_steps", "1", "--n_epochs", "1", "--learning_rate", "1e-2", "--report_to", "none",
+        "--lora_r", "4",
+    ]))  # fmt: skip
+    checkpoint = tmp_path / "ckpts" / "sft_stage1" / "checkpoint-0-1"
+    assert (checkpoint / "adapter" / "adapter_config.json").is_file()
+    model = str(checkpoint / "tfmr")
+
+    env = {**os.environ, "HUATUO_RUN_DIR": str(tmp_path / "run")}
+    port = free_port()
+    launched = script(LAUNCH, "--backend", "transformers", model, str(port), env=env)
+    try:
+        assert launched.returncode == 0, launched.stderr + launched.stdout
+        flags = ["--model_name", model, "--eval_file", str(SAMPLE), "--port", str(port), "--limit", "1"]
+        flags += [
+            "--max_new_tokens",
+            "8",
+            "--seed",
+            "0",
+            "--api",
+            "chat",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+        summary = ev.main(ev.parse_args(flags))
+    finally:
+        stopped = script(KILL, env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert summary["settings"]["served_model"] == model
+    assert all(
+        m["failed_items"] == 0 and m["mean_completion_tokens"] > 0 for m in summary["sources"].values()
+    )
+
+
 def test_sglang_command_and_whole_group_stopped(tmp_path, decoys):
     fake = tmp_path / "fake"
     (fake / "sglang").mkdir(parents=True)

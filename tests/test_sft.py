@@ -111,8 +111,23 @@ def test_help_lists_the_original_flags(capsys):
         "--train_bsz_per_gpu",
         "--packing",
         "--resume",
+        "--lora_r",
+        "--lora_alpha",
+        "--lora_dropout",
+        "--lora_target_modules",
     ):
         assert flag in text
+
+
+def test_bad_lora_flags_are_refused_by_name(capsys):
+    for flags, message in (
+        (["--lora_r", "-1"], "--lora_r must be 0"),
+        (["--lora_r", "8", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+        (["--lora_r", "8", "--lora_alpha", "0"], "--lora_alpha must be positive"),
+    ):
+        with pytest.raises(SystemExit):
+            SFT_stage1.parse_args(["--model_path", "m", *flags])
+        assert message in capsys.readouterr().err
 
 
 def test_labels_mask_exactly_the_prompt_and_the_padding(tokenizer):
@@ -278,6 +293,76 @@ def test_resume_ends_where_an_uninterrupted_run_ends(trained, tiny_models, small
     rows, original = _metrics(tmp_path / "logs"), _metrics(trained / "logs")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in original], rel=1e-5)
+
+
+LORA_FLAGS = (
+    "--save_steps",
+    "1",
+    "--max_ckpts",
+    "10",
+    "--lora_r",
+    "8",
+    "--learning_rate",
+    "2e-2",
+    "--packing",
+)
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny_models, small_data, tmp_path_factory):
+    """The uninterrupted run of `trained`, training a rank-8 adapter instead of every weight, on packed rows."""
+    tmp = tmp_path_factory.mktemp("sft_lora_run")
+    SFT_stage1.main(_run_args(tiny_models, small_data, tmp, *LORA_FLAGS))
+    return tmp
+
+
+def test_lora_lowers_the_loss_and_tfmr_is_the_merged_adapter(
+    trained_lora, tiny_models, small_data, tokenizer
+):
+    from peft import PeftModel
+
+    run = trained_lora / "ckpts" / "sft_stage1"
+    assert [p.name for p in list_checkpoints(run)] == [
+        "checkpoint-0-1", "checkpoint-0-2", "checkpoint-1-3", "checkpoint-1-4",
+    ]  # fmt: skip
+    final = latest_checkpoint(run)
+    assert not (final / "tfmr" / "adapter_config.json").exists()  # a plain model folder, servable as is
+    records = SFT_stage1.load_records(str(small_data), columns=list(SFT_stage1.SFT_KEYS))
+    batch = _collate(SFT_stage1.tokenize_batch(records.to_dict(), tokenizer, max_seq_len=256), tokenizer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    merged = AutoModelForCausalLM.from_pretrained(final / "tfmr")
+    with torch.no_grad():
+        before = base(**batch).loss.item()
+        merged_out = merged(**batch)
+        with_adapter = PeftModel.from_pretrained(base, final / "adapter")(**batch)
+    assert merged_out.loss.item() < before - 0.05
+    torch.testing.assert_close(merged_out.logits, with_adapter.logits, rtol=1e-5, atol=1e-5)
+    # only the adapted linear layers changed: embeddings, output head and norms are the base model's
+    base_weights, merged_weights = _state_dict(tiny_models["policy"]), merged.state_dict()
+    for name, tensor in base_weights.items():
+        changed = not torch.equal(merged_weights[name], tensor)
+        assert changed == name.endswith("proj.weight"), name
+    assert AutoTokenizer.from_pretrained(final / "tfmr").chat_template
+
+
+def test_lora_resume_ends_where_an_uninterrupted_run_ends(trained_lora, tiny_models, small_data, tmp_path):
+    from safetensors.torch import load_file
+
+    shutil.copytree(trained_lora / "ckpts", tmp_path / "ckpts")
+    run = tmp_path / "ckpts" / "sft_stage1"
+    for name in ("checkpoint-0-2", "checkpoint-1-3", "checkpoint-1-4"):
+        shutil.rmtree(run / name)
+    SFT_stage1.main(_run_args(tiny_models, small_data, tmp_path, *LORA_FLAGS, "--resume"))
+
+    straight = trained_lora / "ckpts" / "sft_stage1" / "checkpoint-1-4"
+    expected, resumed = _state_dict(straight / "tfmr"), _state_dict(run / "checkpoint-1-4" / "tfmr")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    adapter = "adapter/adapter_model.safetensors"
+    expected, resumed = load_file(straight / adapter), load_file(run / "checkpoint-1-4" / adapter)
+    assert expected.keys() == resumed.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_biases_and_norm_weights_get_no_weight_decay(tiny_models):
@@ -473,3 +558,32 @@ def test_zero3_launch_loads_partitioned_trains_saves_full_weights_and_resumes(
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     assert [r["step"] for r in _metrics(tmp_path / "logs")] == [1, 2, 3, 4]
+
+
+def test_zero3_lora_checkpoints_hold_the_full_merged_model(tiny_models, small_data, tmp_path):
+    """Under ZeRO-3 the stock save gathers only the adapter; tfmr/ must still get every weight, merged."""
+    from peft import PeftModel
+
+    (tmp_path / "zero3.yaml").write_text(ZERO3_CPU_CONFIG)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+        "--main_process_port", str(free_port()), str(ROOT / "SFT_stage1.py"),
+        "--model_path", str(tiny_models["policy"]), "--data_path", str(small_data),
+        "--output_dir", str(tmp_path / "ckpts"), "--log_dir", str(tmp_path / "logs"), "--max_seq_len", "256",
+        "--train_bsz_per_gpu", "4", "--gradient_accumulation_steps", "1", "--n_epochs", "1",
+        "--report_to", "none", "--lora_r", "8", "--learning_rate", "2e-2",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = latest_checkpoint(tmp_path / "ckpts" / "sft_stage1")
+    assert final.name == "checkpoint-0-2" and (final / "global_step2").is_dir()
+    merged = AutoModelForCausalLM.from_pretrained(final / "tfmr")
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    assert merged.state_dict().keys() == base.state_dict().keys()
+    ids = torch.tensor([list(range(5, 60))])
+    with torch.no_grad():
+        merged_logits, base_logits = merged(input_ids=ids).logits, base(input_ids=ids).logits
+        adapted = PeftModel.from_pretrained(base, final / "adapter")(input_ids=ids).logits
+    torch.testing.assert_close(merged_logits, adapted, rtol=1e-5, atol=1e-5)
+    assert (merged_logits - base_logits).abs().max() > 1e-3  # the adapter learned something
