@@ -46,7 +46,15 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
-from huatuo.report import first_last, markdown_table, plot_curve, read_jsonl, reply_scores
+from huatuo.report import (
+    comparison_markdown,
+    first_last,
+    markdown_table,
+    per_source_markdown,
+    plot_curve,
+    read_jsonl,
+    reply_scores,
+)
 from huatuo.runner import StageFailed, join_command, run_logged, signals_deferred
 from huatuo.store import save_args, write_json_atomic
 
@@ -538,82 +546,16 @@ def write_report(demo: Demo, rows: list[list[str]]) -> Path:
             plot_curve(metrics, x_key, y_keys, report / name, title, ylabel)
     if done_path(demo, "eval").exists():
         scores = json.loads((ROOT / load_done(demo, "eval")["outputs"]["scores"]).read_text())
-        learning = learning_markdown(scores, demo.args)
+        rewards = {label: s["rewards"] for label, s in scores.items()}
+        summaries = {label: json.loads((ROOT / s["summary"]).read_text()) for label, s in scores.items()}
+        learning = comparison_markdown(rewards, summaries, demo.args.eval_max_new_tokens)
         text += "\n" + learning
-        (report / "eval.md").write_text(learning + "\n" + eval_markdown(scores), encoding="utf-8")
+        (report / "eval.md").write_text(
+            learning + "\n" + per_source_markdown(rewards, summaries), encoding="utf-8"
+        )
     (report / "summary.md").write_text(text, encoding="utf-8")
     print(f"\n{text}")
     return report
-
-
-def learning_markdown(scores: dict, args) -> str:
-    """Base, SFT and PPO side by side on the held-out questions, with the demo's targets."""
-    overall = {label: s["rewards"]["all"] for label, s in scores.items()}
-    accuracy = {label: overall_accuracy(ROOT / s["summary"]) for label, s in scores.items()}
-    rows = [
-        [label, f"{o['format_rate']:.2f}", f"{o['mean_reward']:.3f}", f"{accuracy[label]:.1%}"]
-        for label, o in overall.items()
-    ]
-    checks = []
-    if {"sft", "ppo"} <= set(overall):
-        sft, ppo = overall["sft"], overall["ppo"]
-        checks = [
-            target_line("format rate after SFT", sft["format_rate"], 0.8),
-            target_line("format rate after PPO, against SFT", ppo["format_rate"], sft["format_rate"]),
-            target_line("mean reward after PPO, against SFT", ppo["mean_reward"], sft["mean_reward"]),
-        ]
-    return (
-        f"## Learning, on {scores['base']['rewards']['all']['items']} held-out questions "
-        f"({args.eval_max_new_tokens}-token replies, greedy)\n\n"
-        + markdown_table(["model", "format rate", "mean reward", "accuracy (last match)"], rows)
-        + "\n\n"
-        + "".join(f"- {line}\n" for line in checks)
-        + "\nFormat rate: replies with one `## Thinking` and one `## Final Response` (the RL reward's check). "
-        "Mean reward: the RL reward with the rule verifier against the correct option's text (1 correct, "
-        "0.1 well formed, 0 otherwise). A 135M model is near chance on these exams (20-25% with 4-5 "
-        "options, 33% on PubMedQA's yes/no/maybe), and 3 questions per source are a small sample.\n"
-    )
-
-
-def target_line(what: str, value: float, target: float) -> str:
-    verdict = "met" if value >= target else f"missed by {target - value:.2f}"
-    return f"{what}: {value:.2f} (target >= {target:.2f}): {verdict}"
-
-
-def overall_accuracy(summary_path: Path) -> float:
-    sources = json.loads(summary_path.read_text(encoding="utf-8"))["sources"]
-    return sum(s["correct"] for s in sources.values()) / max(sum(s["items"] for s in sources.values()), 1)
-
-
-def eval_markdown(scores: dict) -> str:
-    rows = []
-    for label, s in scores.items():
-        summary = json.loads((ROOT / s["summary"]).read_text(encoding="utf-8"))
-        for source, m in summary["sources"].items():
-            r = s["rewards"][source]
-            rows.append(
-                [
-                    label,
-                    source,
-                    m["items"],
-                    f"{m['accuracy']:.1%}",
-                    f"{m['no_answer_rate']:.0%}",
-                    f"{r['format_rate']:.2f}",
-                    f"{r['mean_reward']:.3f}",
-                    m["failed_items"],
-                ]
-            )
-    headers = [
-        "model",
-        "source",
-        "items",
-        "accuracy (last match)",
-        "no answer",
-        "format rate",
-        "mean reward",
-        "failed",
-    ]
-    return "## Per source\n\n" + markdown_table(headers, rows) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------

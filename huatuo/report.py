@@ -122,3 +122,78 @@ def reply_scores(records: list[dict]) -> dict[str, dict]:
             "mean_reward": stats["reward"],
         }
     return scores
+
+
+def comparison_markdown(rewards: dict[str, dict], summaries: dict[str, dict], max_new_tokens: int) -> str:
+    """Models side by side on held-out questions (`rewards`: reply_scores per model, `summaries`: eval.py's
+    summary per model), with the demo's targets: format rate after SFT at least 0.8, and PPO no lower than
+    SFT in format rate and mean reward."""
+    overall = {label: r["all"] for label, r in rewards.items()}
+    rows = [
+        [
+            label,
+            f"{o['format_rate']:.2f}",
+            f"{o['mean_reward']:.3f}",
+            f"{overall_accuracy(summaries[label]):.1%}",
+        ]
+        for label, o in overall.items()
+    ]
+    checks = []
+    if {"sft", "ppo"} <= set(overall):
+        sft, ppo = overall["sft"], overall["ppo"]
+        checks = [
+            target_line("format rate after SFT", sft["format_rate"], 0.8),
+            target_line("format rate after PPO, against SFT", ppo["format_rate"], sft["format_rate"]),
+            target_line("mean reward after PPO, against SFT", ppo["mean_reward"], sft["mean_reward"]),
+        ]
+    items = next(iter(overall.values()))["items"]
+    return (
+        f"## Learning, on {items} held-out questions ({max_new_tokens}-token replies, greedy)\n\n"
+        + markdown_table(["model", "format rate", "mean reward", "accuracy (last match)"], rows)
+        + "\n\n"
+        + "".join(f"- {line}\n" for line in checks)
+        + "\nFormat rate: replies with one `## Thinking` and one `## Final Response` (the RL reward's check). "
+        "Mean reward: the RL reward with the rule verifier against the correct option's text (1 correct, "
+        "0.1 well formed, 0 otherwise). Models this small are near chance on these exams (20-25% with 4-5 "
+        "options, 33% on PubMedQA's yes/no/maybe), and a few questions per source are a small sample.\n"
+    )
+
+
+def target_line(what: str, value: float, target: float) -> str:
+    verdict = "met" if value >= target else f"missed by {target - value:.2f}"
+    return f"{what}: {value:.2f} (target >= {target:.2f}): {verdict}"
+
+
+def overall_accuracy(summary: dict) -> float:
+    sources = summary["sources"].values()
+    return sum(s["correct"] for s in sources) / max(sum(s["items"] for s in sources), 1)
+
+
+def per_source_markdown(rewards: dict[str, dict], summaries: dict[str, dict]) -> str:
+    rows = []
+    for label, summary in summaries.items():
+        for source, m in summary["sources"].items():
+            r = rewards[label][source]
+            rows.append(
+                [
+                    label,
+                    source,
+                    m["items"],
+                    f"{m['accuracy']:.1%}",
+                    f"{m['no_answer_rate']:.0%}",
+                    f"{r['format_rate']:.2f}",
+                    f"{r['mean_reward']:.3f}",
+                    m["failed_items"],
+                ]
+            )
+    headers = [
+        "model",
+        "source",
+        "items",
+        "accuracy (last match)",
+        "no answer",
+        "format rate",
+        "mean reward",
+        "failed",
+    ]
+    return "## Per source\n\n" + markdown_table(headers, rows) + "\n"
