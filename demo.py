@@ -304,7 +304,7 @@ def construct_and_search(demo: Demo, server: list[str]) -> dict:
     others = ", ".join(f"{n} {status}" for status, n in sorted(outcome.items()) if status != "kept")
     return {
         "items": f"{len(items)} MCQs",
-        "figure": figure + (f" ({others})" if others else ""),
+        "figure": figure + (f" ({others}: {'; '.join(reasons[:2])})" if others else ""),
         "outputs": {
             "problems": shown(constructed),
             "reasoning": shown(merged) if merged else None,
