@@ -316,7 +316,9 @@ def main(args):
         policy = get_peft_model(policy, lora_config(lora_args))
         ref_policy = None  # the reference is the policy with its adapter switched off: no second copy
     else:
-        ref_dtype = torch.bfloat16 if config.bf16 else torch.float32
+        # The reference computes log-probabilities as the policy does: in bf16 weights under DeepSpeed's bf16
+        # mode, in fp32 weights under autocast otherwise, so that the KL starts at exactly zero.
+        ref_dtype = torch.bfloat16 if config.bf16 and config.deepspeed_plugin is not None else torch.float32
         ref_policy = AutoModelForCausalLM.from_pretrained(
             model_args.model_name_or_path, dtype=ref_dtype, **model_kwargs
         )

@@ -74,7 +74,7 @@ EVALUATED = ("base", "sft", "ppo")  # the models the eval stage serves, in order
 # (about 400 tokens) so that a model that learnt the format can finish it.
 SIZES = {
     "real": {
-        "sft_epochs": 4,
+        "sft_epochs": 6,
         "sft_learning_rate": 2e-4,
         "rl_episodes": 24,
         "response_length": 512,

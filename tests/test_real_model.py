@@ -106,6 +106,7 @@ def test_one_ppo_update_on_the_real_model(smollm2, tmp_path):
     RL_stage2.main(RL_stage2.parse_args(flags))
     (row,) = read_jsonl(out / "metrics.jsonl")
     assert row["episode"] == 2 and 0 < row["val/response_length"] <= 16
+    assert row["objective/kl"] == 0  # reference and policy compute alike before the first step
     assert torch.isfinite(torch.tensor(row["loss/policy_avg"])) and row["time/generate"] > 0
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
 
