@@ -40,7 +40,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from huatuo.batch import BatchQueue, add_batch_args, check_batch_args
+from huatuo.batch import add_batch_args, batch_queue_for, check_batch_args
 from huatuo.items import ANSWER, MCQ, QUESTION, InputError, load_eval_file, load_items
 from huatuo.llm import LLMClient, Usage, add_api_args, normalize_api_url, resolve_api_key
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
@@ -252,19 +252,8 @@ def main(args):
             backoff_base=args.backoff_base,
             stats=stats,
         )
-        batch = None
-        if args.batch_api:
-            # Only the main model goes through batches: the difficulty models are local servers.
-            batch = BatchQueue(
-                api_url,
-                api_key,
-                output_dir / f"{name}_batches",
-                window=args.batch_window,
-                poll_interval=args.poll_interval,
-                max_retries=args.max_retries,
-                backoff_base=args.backoff_base,
-                timeout=args.timeout,
-            )
+        # Only the main model goes through batches: the difficulty models are local servers.
+        batch = batch_queue_for(args, api_url, api_key, output_dir / f"{name}_batches", args.timeout)
         llm = LLMClient(api_url, args.model_name, api_key, max_tokens=args.max_tokens, batch=batch, **common)
         small = [
             LLMClient(

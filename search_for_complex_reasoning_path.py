@@ -48,7 +48,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from huatuo.batch import BatchQueue, add_batch_args, check_batch_args
+from huatuo.batch import add_batch_args, batch_queue_for, check_batch_args
 from huatuo.items import ANSWER, QUESTION, VERIFIABLE, InputError, check_items, read_json
 from huatuo.llm import LLMClient, LLMError, Usage, add_api_args, normalize_api_url, resolve_api_key
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
@@ -277,17 +277,7 @@ def main(args):
             timeout=args.timeout,
             stats=stats,
             max_tokens=args.max_tokens,
-            batch=BatchQueue(
-                api_url,
-                api_key,
-                output_dir / f"{name}_batches",
-                window=args.batch_window,
-                poll_interval=args.poll_interval,
-                max_retries=args.max_retries,
-                timeout=args.timeout,
-            )
-            if args.batch_api
-            else None,
+            batch=batch_queue_for(args, api_url, api_key, output_dir / f"{name}_batches", args.timeout),
         )
         try:
             counts = await run_all(

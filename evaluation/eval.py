@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluation.scorer import score  # noqa: E402
-from huatuo.batch import BatchQueue, add_batch_args, check_batch_args  # noqa: E402
+from huatuo.batch import add_batch_args, batch_queue_for, check_batch_args  # noqa: E402
 from huatuo.items import InputError, load_eval_file  # noqa: E402
 from huatuo.llm import LLMClient, LLMError, normalize_api_url, resolve_api_key, wait_for_server  # noqa: E402
 from huatuo.store import GIVEN_UP, ItemStore, run_all, write_json_atomic  # noqa: E402
@@ -598,17 +598,9 @@ def main(args: argparse.Namespace) -> dict:
             await wait_for_server(base_url, timeout=args.wait_timeout, api_key=api_key)
             nonlocal served
             served = await served_model(base_url, args.model_name, api_key)
-            batch = None
-            if args.batch_api:
-                batch = BatchQueue(
-                    base_url,
-                    api_key,
-                    output_dir / f"{name}_batches",
-                    window=args.batch_window,
-                    poll_interval=args.poll_interval,
-                    max_retries=args.max_retries,
-                    timeout=args.request_timeout,
-                )
+            batch = batch_queue_for(
+                args, base_url, api_key, output_dir / f"{name}_batches", args.request_timeout
+            )
             async with LLMClient(
                 base_url,
                 served,

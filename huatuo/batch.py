@@ -95,6 +95,24 @@ def check_batch_args(args: argparse.Namespace) -> None:
         )
 
 
+def batch_queue_for(
+    args: argparse.Namespace, api_url: str, api_key: str | None, folder: Path, timeout: float
+):
+    """The BatchQueue that --batch_api asks for, from the flags add_batch_args defines; None without it."""
+    if not args.batch_api:
+        return None
+    return BatchQueue(
+        api_url,
+        api_key,
+        folder,
+        window=args.batch_window,
+        poll_interval=args.poll_interval,
+        max_retries=args.max_retries,
+        backoff_base=getattr(args, "backoff_base", 1.0),
+        timeout=timeout,
+    )
+
+
 def custom_id(item: str, number: int, body_hash: str) -> str:
     return f"{item}.{number}.{body_hash[:12]}"
 
