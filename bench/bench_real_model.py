@@ -190,7 +190,7 @@ def bench_ppo(model_path: Path, work: Path, args) -> dict:
 
 def bench_grpo(model_path: Path, work: Path, args, ppo: dict | None) -> None:
     out = work / "grpo"
-    flags = rl_flags(model_path, out, args, "grpo") + ["--num_generations", "4"]
+    flags = rl_flags(model_path, out, args, "grpo") + ["--num_generations", "4", "--logging_steps", "1"]
     start = time.perf_counter()
     RL_stage2.main(RL_stage2.parse_args(flags))
     wall = time.perf_counter() - start

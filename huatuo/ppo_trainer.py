@@ -7,6 +7,7 @@ weights, with the adapters alone in adapter/ inside them."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -211,6 +212,7 @@ class PPOTrainer:
             self.ref_policy = ref_policy.to(acc.device).eval()
 
         self.vllm = None
+        self._sampler = None  # the bf16 copy the CPU samples from (see _policy_for_generation)
         if config.rollout_backend == "vllm":
             self.vllm = make_vllm_rollout(
                 self.accelerator.unwrap_model(self.model).policy, acc, tokenizer, config
@@ -282,8 +284,15 @@ class PPOTrainer:
     # ------------------------------------------------------------------ rollout
     @contextmanager
     def _policy_for_generation(self):
-        """The bare policy, with ZeRO-3 shards gathered so generate() does not gather per token."""
+        """The bare policy, with ZeRO-3 shards gathered so generate() does not gather per token. On a CPU in bf16,
+        a bf16 copy of it instead, refreshed from the fp32 weights before each rollout: under autocast every
+        weight is cast again for each sampled token, and the copy sampled 1.15x faster than autocast here
+        (1.67x fp32). The log-probabilities PPO trains on are still computed by the policy itself."""
         policy = self.accelerator.unwrap_model(self.model).policy
+        on_cpu = self.accelerator.device.type == "cpu" and not self.is_zero3
+        if self.args.bf16 and on_cpu and not is_peft_model(policy):
+            yield self._bf16_copy(policy)
+            return
         if not self.is_zero3:
             yield policy
             return
@@ -294,6 +303,15 @@ class PPOTrainer:
             remove_hooks(self.model)
             yield policy
             add_hooks(self.model)
+
+    @torch.no_grad()
+    def _bf16_copy(self, policy):
+        if self._sampler is None:
+            self._sampler = copy.deepcopy(policy).to(torch.bfloat16)
+        else:
+            for sampled, trained in zip(self._sampler.parameters(), policy.parameters(), strict=True):
+                sampled.copy_(trained)
+        return self._sampler
 
     def _sample(self, prompts: list[list[int]], temperature: float) -> Rollout:
         """Sample one response per prompt, cut after the first stop token."""
