@@ -55,14 +55,15 @@ def parse_args():
 
 
 def demo_models(demo_dir: Path) -> dict[str, str]:
-    done = {
-        stage: json.loads((demo_dir / stage / "done.json").read_text()) for stage in ("models", "sft", "rl")
-    }
-    return {
+    """The demo's models; its paths are relative to its repository, the folder holding demo_dir."""
+    stages = ("models", "sft", "rl")
+    done = {stage: json.loads((demo_dir / stage / "done.json").read_text()) for stage in stages}
+    paths = {
         "base": done["models"]["outputs"]["policy"],
         "sft": done["sft"]["outputs"]["checkpoint"],
         "ppo": done["rl"]["outputs"]["checkpoint"],
     }
+    return {label: str(demo_dir.resolve().parent / path) for label, path in paths.items()}
 
 
 def free_port() -> int:
