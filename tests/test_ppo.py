@@ -200,11 +200,11 @@ def test_bf16_follows_the_device_and_accelerate_unless_opted_out(tmp_path, monke
     base = ["--model_name_or_path", "p", "--dataset_name", "d.json", "--output_dir", str(tmp_path)]
     for supported in (True, False):
         device_bf16(monkeypatch, supported)
-        assert RL_stage2.parse_args(base)[2].bf16 is supported
+        assert RL_stage2.parse_args(base)[-1].bf16 is supported
     device_bf16(monkeypatch, True)
-    assert RL_stage2.parse_args(base + ["--bf16", "False"])[2].bf16 is False
+    assert RL_stage2.parse_args(base + ["--bf16", "False"])[-1].bf16 is False
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch --mixed_precision no
-    assert RL_stage2.parse_args(base)[2].bf16 is False
+    assert RL_stage2.parse_args(base)[-1].bf16 is False
 
 
 def test_seed_command_parses(tmp_path, monkeypatch):
@@ -501,7 +501,7 @@ def test_lora_reference_is_the_base_model_and_resume_is_exact(tmp_path):
     rollout = trainer._sample([row["input_ids"] for row in data * 4], temperature=1.0)
     scored = trainer._score_rollout(rollout, [row["reference"] for row in data * 4])
     ids, mask, positions, width = PPOTrainer._joined(rollout, torch.arange(len(data) * 4), "cpu")
-    with torch.no_grad():
+    with torch.no_grad(), trainer.accelerator.autocast():  # the precision the trainer scores in
         base_logits = response_logits(base.eval(), ids, mask, positions, width)
     base_logprobs = selective_log_softmax(base_logits, ids[:, -width:], temperature=1.0)
     valid = rollout.response_mask[:, :width]
