@@ -42,6 +42,13 @@ def parse_args():
     parser.add_argument("--per_source", type=int, default=25, help="Questions asked from each benchmark.")
     parser.add_argument("--max_new_tokens", type=int, default=512, help="Reply budget (the demo's).")
     parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=8,
+        help="Requests in flight. The CPU server's continuous-batching cache grows with it: 32 long PubMedQA "
+        "requests took it to 12.6 GB here.",
+    )
+    parser.add_argument(
         "--models",
         nargs="+",
         default=None,
@@ -72,7 +79,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def evaluate(model: str, eval_file: Path, out: Path, max_new_tokens: int) -> tuple[dict, list[dict], float]:
+def evaluate(model: str, eval_file: Path, out: Path, args) -> tuple[dict, list[dict], float]:
     port, run_dir = str(free_port()), str(out / "server")
     launch = ["bash", "evaluation/launch_sglang_server.sh", "--backend", "transformers", "--run_dir", run_dir]
     subprocess.run([*launch, "--timeout", "600", model, port], cwd=ROOT, check=True)
@@ -89,9 +96,9 @@ def evaluate(model: str, eval_file: Path, out: Path, max_new_tokens: int) -> tup
                 "--port",
                 port,
                 "--max_new_tokens",
-                str(max_new_tokens),
+                str(args.max_new_tokens),
                 "--concurrency",
-                "32",
+                str(args.concurrency),
                 "--seed",
                 "0",
                 "--output_dir",
@@ -125,7 +132,7 @@ def main(args):
         eval_file = Path(scratch) / "questions.json"
         eval_file.write_text(json.dumps(data), encoding="utf-8")
         for label, model in models.items():
-            sources, replies, seconds = evaluate(model, eval_file, Path(scratch) / label, args.max_new_tokens)
+            sources, replies, seconds = evaluate(model, eval_file, Path(scratch) / label, args)
             scores = reply_scores(replies)
             items = sum(s["items"] for s in sources.values())
             for name, s in [*sources.items(), ("all", None)]:
