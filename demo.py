@@ -635,4 +635,7 @@ def _raise_interrupt(signum, frame):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Also when started from a shell's background job, which inherits SIGINT ignored: Ctrl-C (or a SIGINT from a
+    # supervisor) must still stop the children and the server.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main(parse_args()))
