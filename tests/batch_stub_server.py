@@ -21,14 +21,13 @@ Run on its own (for the benchmark, so the client's CPU is measured alone):
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import time
 
 from aiohttp import web
 
-from tests.stub_server import Fault, Responder, StubServer, echo_responder
+from tests.stub_server import Fault, Responder, StubServer, echo_responder, serve_until_interrupted
 
 STEPS = ("validating", "in_progress", "finalizing", "completed")
 
@@ -191,19 +190,7 @@ def main() -> None:
         module, _, name = args.responder.partition(":")
         responder = getattr(importlib.import_module(module), name)
 
-    async def serve() -> None:
-        server = BatchStubServer(responder, port=args.port, record=False)
-        await server.start()
-        print(server.base_url, flush=True)
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await server.stop()
-
-    try:
-        asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
+    serve_until_interrupted(BatchStubServer(responder, port=args.port, record=False))
 
 
 if __name__ == "__main__":

@@ -225,8 +225,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args()
 
+    serve_until_interrupted(StubServer(latency=args.latency, port=args.port, record=False))
+
+
+def serve_until_interrupted(server) -> None:
+    """Start `server`, print its base URL for the parent process to read, and serve until Ctrl-C or SIGTERM."""
+
     async def serve() -> None:
-        server = StubServer(latency=args.latency, port=args.port, record=False)
         await server.start()
         print(server.base_url, flush=True)
         try:
