@@ -297,7 +297,7 @@ def main(args):
         lr_scheduler_type="cosine",
         warmup_steps=args.warmup_rates,
         max_grad_norm=args.max_grad_norm,
-        activation_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing,
         bf16=bf16_by_default(),
         use_cpu=not torch.cuda.is_available(),  # also makes processes started by torchrun join over gloo
         seed=args.seed,

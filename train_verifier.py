@@ -268,7 +268,7 @@ def main(args):
     )
     model.config.pad_token_id = pad_id
     if args.gradient_checkpointing:
-        model.activation_checkpointing_enable()
+        model.gradient_checkpointing_enable()
 
     def encode(subset):
         return [

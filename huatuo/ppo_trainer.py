@@ -170,10 +170,10 @@ class PPOTrainer:
         self.output_dir = Path(config.output_dir)
         self.is_zero3 = self._configure_deepspeed()
 
-        if config.activation_checkpointing:  # also set by the seed's --gradient_checkpointing, its old name
-            kwargs = config.activation_checkpointing_kwargs or {"use_reentrant": False}
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            value_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        if config.gradient_checkpointing:
+            kwargs = config.gradient_checkpointing_kwargs or {"use_reentrant": False}
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         from trl.trainer.utils import disable_dropout_in_model
 
         for module in (policy, ref_policy, value_model):

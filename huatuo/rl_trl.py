@@ -178,17 +178,6 @@ def trl_config(algorithm: str, args, world_size: int | None = None, evaluate: bo
         # fresh responses.
         iterations = fields.get("num_iterations") or config_class.num_iterations
         fields["max_steps"] = math.ceil(args.total_episodes * iterations / per_step)
-    # Transformers 5 renamed gradient_checkpointing to activation_checkpointing and warns on the old name, which
-    # the seed commands (and TRL's own default, on) still use.
-    for old, new in (
-        ("gradient_checkpointing", "activation_checkpointing"),
-        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-    ):
-        value = fields.pop(old, None)
-        if fields.get(new) is None:
-            fields[new] = value
-    if fields["activation_checkpointing"] is None:
-        fields["activation_checkpointing"] = True
     # Secrets never reach a config, which TRL writes into every checkpoint.
     fields.pop("hub_token", None)
     return config_class(**fields)

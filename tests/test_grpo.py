@@ -228,7 +228,7 @@ def test_flag_mapping_and_batch_checks():
         trl_config("grpo", SimpleNamespace(**{**vars(args), "loss_type": "dr_grpo"}), 8).loss_type
         == "dr_grpo"
     )
-    assert config.activation_checkpointing and config.gradient_checkpointing
+    assert config.gradient_checkpointing
     assert (
         not config.use_vllm
         and trl_config("rloo", SimpleNamespace(**{**vars(args), "rollout_backend": "vllm"}), 8).use_vllm
