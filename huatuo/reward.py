@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import unicodedata
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -181,8 +182,29 @@ def pad_batch(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return input_ids.to(device), attention_mask.to(device)
 
 
+@contextmanager
+def outside_zero3_init():
+    """Load models whole even where a ZeRO-3 config is registered with transformers.
+
+    Parsing a TrainingArguments (PPOConfig, GRPOConfig) under `accelerate launch` with a ZeRO-3 config registers
+    that config with transformers, and from then on every from_pretrained creates its model as empty ZeRO-3
+    partitions (deepspeed.zero.Init). The verifier is never passed to deepspeed.initialize, which would make each
+    of its forwards a collective that every process must join, while processes judge different numbers of
+    well-formed responses; so it must hold its own full weights.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
+
+
 class ClassifierVerifier:
-    """A 2-label sequence classifier judging (final response, reference) pairs in batches."""
+    """A 2-label sequence classifier judging (final response, reference) pairs in batches, each process holding a
+    full copy (never ZeRO-3 partitions: see outside_zero3_init)."""
 
     def __init__(
         self,
@@ -203,9 +225,10 @@ class ClassifierVerifier:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # flash-attention kernels take half precision only; fp32 (CPU, older GPUs) goes through sdpa.
         attn = attn_implementation() if dtype in (torch.bfloat16, torch.float16) else "sdpa"
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn
-        ).to(self.device)
+        with outside_zero3_init():
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn
+            ).to(self.device)
         self.model.eval()
         if self.model.config.num_labels != 2:
             raise ValueError(
