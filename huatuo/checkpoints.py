@@ -1,4 +1,4 @@
-"""Finding checkpoints of RL runs and trimming their metrics files on resume."""
+"""Finding checkpoints of RL runs, trimming their metrics files on resume, and gathering weights to save."""
 
 from __future__ import annotations
 
@@ -52,3 +52,21 @@ def drop_logged_after(path: Path, key: str, last: int) -> None:
     partial = path.with_name(path.name + ".tmp")
     partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(partial, path)
+
+
+def is_zero3(accelerator) -> bool:
+    return (
+        accelerator.distributed_type == "DEEPSPEED"
+        and accelerator.deepspeed_config["zero_optimization"].get("stage") == 3
+    )
+
+
+def state_dict_on_main(accelerator, model) -> dict | None:
+    """The full state dict of a prepared model on the main process, None on the others.
+
+    Under ZeRO-3 every process must take part, since gathering the partitions is collective (only the main process
+    receives the weights). Elsewhere only the main process builds it: under ZeRO-2 accelerate clones every weight
+    to the CPU for it, which each of 8 processes would otherwise do at every save for nothing."""
+    if accelerator.is_main_process or is_zero3(accelerator):
+        return accelerator.get_state_dict(model)
+    return None

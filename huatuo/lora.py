@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from accelerate.utils import is_peft_model
 
+from huatuo.checkpoints import is_zero3, state_dict_on_main
+
 ADAPTER_SUBDIR = "adapter"
 ALL_LINEAR = "all-linear"
 _PEFT_PREFIX = "base_model.model."
@@ -137,24 +139,32 @@ def save_merged(peft_model, state_dict: dict[str, torch.Tensor], model_dir, adap
 
 class MergedLoraSaveMixin:
     """For transformers Trainer subclasses: with a peft model, every save (checkpoints and the final model)
-    writes the merged model plus adapter/, and resuming reads the adapter back. Without one it changes nothing."""
+    writes the merged model plus adapter/, and resuming reads the adapter back. Every save builds the full state
+    dict on the main process only, except under ZeRO-3, where gathering it takes every process."""
 
     def adapter_dir(self, model_dir: Path) -> Path:
         return Path(model_dir) / ADAPTER_SUBDIR
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not is_peft_model(self.model):
+        peft = is_peft_model(self.model)
+        # The stock save is right for a full model except under ZeRO-2, where it clones the weights on every
+        # process and writes them from one.
+        zero2 = self.is_deepspeed_enabled and not is_zero3(self.accelerator)
+        if not peft and not zero2:
             return super().save_model(output_dir, _internal_call=_internal_call)
         output_dir = Path(output_dir or self.args.output_dir)
         # The full state dict: the stock save gathers only the adapter under ZeRO-3, too little to merge.
-        # Every process takes part in the gather; the main one writes.
-        state_dict = self.accelerator.get_state_dict(
-            self.deepspeed if self.is_deepspeed_enabled else self.model
+        state_dict = state_dict_on_main(
+            self.accelerator, self.deepspeed if self.is_deepspeed_enabled else self.model
         )
-        if self.args.should_save:
-            save_merged(self.model, state_dict, output_dir, self.adapter_dir(output_dir))
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
+        if not self.accelerator.is_main_process:
+            return
+        if not peft:
+            self._save(str(output_dir), state_dict=state_dict)
+            return
+        save_merged(self.model, state_dict, output_dir, self.adapter_dir(output_dir))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if is_peft_model(model if model is not None else self.model):

@@ -24,7 +24,7 @@ from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import GenerationConfig, get_scheduler
 
-from huatuo.checkpoints import checkpoint_dirs, drop_logged_after
+from huatuo.checkpoints import checkpoint_dirs, drop_logged_after, state_dict_on_main
 from huatuo.lora import ADAPTER_SUBDIR, save_merged
 from huatuo.ppo import (
     PPOConfig,
@@ -607,7 +607,7 @@ class PPOTrainer:
         """Write the policy (with tokenizer) as a Hugging Face folder, and the value model under value/. A LoRA
         model is written merged, with its adapter in adapter/ inside its folder."""
         acc = self.accelerator
-        state = acc.get_state_dict(self.model)
+        state = state_dict_on_main(acc, self.model)
         if acc.is_main_process:
             wrapper = acc.unwrap_model(self.model)
             for model, prefix, folder in (
