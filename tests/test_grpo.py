@@ -14,11 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from huatuo.models import format_thinking_response
 from huatuo.reward import RewardFunction
 from huatuo.rl_trl import check_trl_batch, completion_text, make_trl_reward, trl_config
+from tests.conftest import question
 
-# The toy task: every question's reference answer is "red"; the warm-started policy says red or blue at
-# random, so the rule verifier pays 1.0 or 0.1 and GRPO has to shift it towards red.
-HEADERS = format_thinking_response("hmm", "")
-ANSWERS = (" red", " blue")
+# The toy task: every question's reference answer is "red"; the warm-started policy (tests/conftest.py) says red or
+# blue at random, so the rule verifier pays 1.0 or 0.1 and GRPO has to shift it towards red.
 
 
 @pytest.fixture(autouse=True)
@@ -27,10 +26,6 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def question(i):
-    return [{"role": "user", "content": f"Which colour, case {i}?"}]
 
 
 def toy_dataset(n, start=0):
@@ -61,44 +56,6 @@ def stage2_args(**overrides):
     )
     fields.update(overrides)
     return SimpleNamespace(**fields)
-
-
-@pytest.fixture(scope="module")
-def warm_policy(tiny_models, tmp_path_factory):
-    """The tiny policy taught the output format in a few supervised steps. The headers and the two answers
-    become single tokens, so a 2-layer model learns the layout quickly; the decoded text is the real format."""
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["policy"])
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
-    tokenizer.add_tokens([HEADERS, *ANSWERS])
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    rows = []
-    # Each question with both answers, so the policy says red or blue at random whatever the question.
-    for i in range(32):
-        prompt = tokenizer.apply_chat_template(question(i), tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        for answer in ANSWERS:
-            answer_ids = tokenizer(HEADERS + answer + tokenizer.eos_token, add_special_tokens=False)[
-                "input_ids"
-            ]
-            rows.append((prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(80):
-        batch = [rows[(step * 8 + j) % len(rows)] for j in range(8)]
-        width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in batch])
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
-        loss = model(
-            input_ids=input_ids, attention_mask=input_ids != tokenizer.pad_token_id, labels=labels
-        ).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    path = tmp_path_factory.mktemp("warm_policy")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def sampled_reward(model_path, n=64, seed=1):
