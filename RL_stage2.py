@@ -35,9 +35,9 @@ A minute on a CPU with the tiny offline models and the rule verifier:
 LoRA (--lora_r R, any --algorithm): the policy trains an adapter on frozen weights; for PPO the reference is the
 policy with its adapter switched off (one model copy fewer) and the value model gets an adapter of its own
 (--no_lora_value_model trains it in full). An 8B policy with a 3B value model on two 24 GB GPUs (ZeRO-3 with
-CPU offload; LoRA wants a larger learning rate than full training):
+CPU offload, configs/deepspeed_zero3_offload.yaml; LoRA wants a larger learning rate than full training):
 
-    accelerate launch --num_processes 2 --config_file configs/deepspeed_zero3.yaml RL_stage2.py \\
+    accelerate launch --num_processes 2 --config_file configs/deepspeed_zero3_offload.yaml RL_stage2.py \\
         --model_name_or_path ckpts/sft_stage1/checkpoint-2-468/tfmr \\
         --value_model_path meta-llama/Llama-3.2-3B-Instruct \\
         --reward_model_path FreedomIntelligence/medical_o1_verifier_3B \\

@@ -5,23 +5,27 @@ Each example is one chat: the user asks `Question`, the assistant answers
 (a Llama-3 template when the tokenizer has none). The loss falls on the assistant's tokens only, its
 end-of-turn token included; a sequence longer than --max_seq_len keeps its last tokens.
 
-8 GPUs, ZeRO-3 with CPU offload (as the original; global batch 8 x 2 x 8 = 128):
+8 GPUs, ZeRO-3 without offload (global batch 8 x 2 x 8 = 128; the original offloaded optimizer and parameters
+to CPU memory, which configs/deepspeed_zero3_offload.yaml still does for smaller GPUs):
     accelerate launch --config_file configs/deepspeed_zero3.yaml --num_processes 8 SFT_stage1.py \\
         --model_path meta-llama/Llama-3.1-8B-Instruct \\
         --data_path FreedomIntelligence/medical-o1-reasoning-SFT --data_config en --gradient_checkpointing
 Two nodes: configs/multi_node.yaml (set machine_rank and main_process_ip on each node). Smaller models:
-configs/deepspeed_zero2.yaml. One GPU or a CPU (tiny offline model: python -m huatuo.tiny --out_dir tiny_models):
+configs/deepspeed_zero2.yaml. ZeRO-3 with 2 processes on a CPU (the multi-process path, tiny model):
+configs/cpu_zero3_2proc.yaml. One GPU or a CPU (tiny offline model: python -m huatuo.tiny --out_dir tiny_models):
     python SFT_stage1.py --model_path tiny_models/policy --data_path data/demo_data.json --packing
     accelerate launch --config_file configs/cpu.yaml SFT_stage1.py --model_path tiny_models/policy
 Under ZeRO-3 the model is created already partitioned (the SFTConfig exists before from_pretrained); each
 checkpoint gathers the full weights into tfmr/ (the config must set zero3_save_16bit_model) and keeps the ZeRO
-shards (global_step*/) beside it for --resume. CPU offload of the optimizer compiles DeepSpeed's CPUAdam op on
-first use (a minute or more); a build killed midway leaves a `lock` file in
-~/.cache/torch_extensions/*/cpu_adam/ that makes every later run wait for it: delete that folder to rebuild.
+shards (global_step*/) beside it for --resume. CPU offload of the optimizer (deepspeed_zero3_offload.yaml,
+multi_node.yaml) compiles DeepSpeed's CPUAdam op on first use (a minute or more); a build killed midway leaves a
+`lock` file in ~/.cache/torch_extensions/*/cpu_adam/ that makes every later run wait for it: delete that folder to
+rebuild.
 Resume an interrupted run (same flags plus --resume):
     python SFT_stage1.py --model_path ... --data_path ... --resume
-LoRA instead of full training (an 8B model on two 24 GB GPUs; LoRA wants a larger learning rate):
-    accelerate launch --config_file configs/deepspeed_zero3.yaml --num_processes 2 SFT_stage1.py \\
+LoRA instead of full training (an 8B model on two 24 GB GPUs, with CPU offload; LoRA wants a larger learning
+rate):
+    accelerate launch --config_file configs/deepspeed_zero3_offload.yaml --num_processes 2 SFT_stage1.py \\
         --model_path meta-llama/Llama-3.1-8B-Instruct --data_path data/medical_o1_sft_en.json \\
         --gradient_checkpointing --packing --lora_r 16 --learning_rate 1e-4
 
