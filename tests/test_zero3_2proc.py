@@ -33,9 +33,10 @@ QUESTION, ANSWER = "Open-ended Verifiable Question", "Ground-True Answer"
 LAUNCH_TIMEOUT = 300  # seconds; a normal launch here takes under a minute
 RESPONSE_LENGTH = 8
 
-# The stage-2 script with every process recording, as JSON lines in $PROBE_DIR/rank<N>.jsonl: its rollouts'
-# response lengths and stops, each verifier call (inputs and P(correct)), each judgement, and every call that
-# builds a state dict or writes a model or tokenizer folder. On rank 1 the PPO stop token is swapped for one the
+# The stage-2 script with every process recording, as JSON lines in $PROBE_DIR/rank<N>.jsonl: whether PPO's
+# reference arrived as ZeRO-3 partitions (empty until gathered) and the verifier whole, its rollouts' response
+# lengths and stops, each verifier call (inputs and P(correct)), each judgement, and every call that builds a state
+# dict or writes a model or tokenizer folder. On rank 1 the PPO stop token is swapped for one the
 # policy never writes, so that rank's responses all run to --response_length while rank 0's stop after a few
 # tokens: the ranks then generate for different numbers of steps and judge different numbers of responses.
 PROBE = """\
@@ -95,8 +96,13 @@ reward.RewardFunction.judge = recorded_judge
 
 
 class ProbedTrainer(RL_stage2.PPOTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, config, tokenizer, policy, ref_policy, value_model, reward_fn, *args, **kwargs):
+        record(
+            "loaded",
+            reference_partitioned=None if ref_policy is None else all(p.numel() == 0 for p in ref_policy.parameters()),
+            verifier_whole=all(p.numel() > 0 for p in reward_fn.verifier.model.parameters()),
+        )
+        super().__init__(config, tokenizer, policy, ref_policy, value_model, reward_fn, *args, **kwargs)
         if rank == 1:
             self.stop_token_ids = [self.tokenizer.bos_token_id]
 
@@ -362,6 +368,9 @@ def assert_verifier_matches_one_process(records, verifier, tiny_models):
 
 def test_ppo_verifier_holds_full_weights_and_judges_as_one_process(ppo_2proc, verifier, tiny_models):
     out, _, records = ppo_2proc
+    # the verifier is loaded whole; the models loaded after it are still created as partitions
+    loaded = {"event": "loaded", "reference_partitioned": True, "verifier_whole": True}
+    assert [events(rows, "loaded") for rows in records.values()] == [[loaded], [loaded]]
     assert_verifier_matches_one_process(records, verifier, tiny_models)
     # rank 0's responses are well formed, so its verifier ran (ZeRO-3 partitions would have failed right here)
     assert events(records[0], "verifier") and all(
