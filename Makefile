@@ -34,6 +34,7 @@ bench: install
 	$(PYTHON) bench/bench_ppo.py
 	$(PYTHON) bench/bench_real_model.py
 	$(PYTHON) bench/bench_lora.py
+	$(PYTHON) bench/bench_zero3.py
 
 lint: install
 	$(PYTHON) -m ruff check .
