@@ -127,10 +127,10 @@ def output_tail(log: Path, chars: int = 4000) -> str:
     return log.read_text(errors="replace")[-chars:]
 
 
-def start(script, *args, cwd: Path, name: str, env=None) -> tuple[subprocess.Popen, Path]:
+def start(script, *args, cwd: Path, name: str, env=None, config=CONFIG) -> tuple[subprocess.Popen, Path]:
     """accelerate launch with the 2-process ZeRO-3 config, in a new process group, output to <cwd>/<name>.log."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
         "--main_process_port", str(free_port()), str(script), *map(str, args),
     ]  # fmt: skip
     log = cwd / f"{name}.log"
@@ -155,8 +155,8 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def launch(script, *args, cwd: Path, name: str, env=None) -> None:
-    proc, log = start(script, *args, cwd=cwd, name=name, env=env)
+def launch(script, *args, cwd: Path, name: str, env=None, config=CONFIG) -> None:
+    proc, log = start(script, *args, cwd=cwd, name=name, env=env, config=config)
     try:
         code = proc.wait(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -465,6 +465,45 @@ def test_grpo_judges_with_the_full_verifier_on_both_ranks(
 # ------------------------------------------------------------------------------------------------
 # Saves outside ZeRO-3 build the state dict on the main process only
 # ------------------------------------------------------------------------------------------------
+# SFT_stage1.py with each process appending a line to $PROBE_DIR/rank<N>.txt whenever it builds a state dict.
+SFT_PROBE = """\
+import os, sys
+sys.path.insert(0, {root!r})
+import accelerate
+import SFT_stage1
+
+get_state_dict = accelerate.Accelerator.get_state_dict
+
+
+def recorded(self, *args, **kwargs):
+    with open(os.path.join(os.environ["PROBE_DIR"], f"rank{{os.environ['RANK']}}.txt"), "a") as f:
+        f.write("get_state_dict\\n")
+    return get_state_dict(self, *args, **kwargs)
+
+
+accelerate.Accelerator.get_state_dict = recorded
+SFT_stage1.main(SFT_stage1.parse_args())
+"""
+
+
+def test_zero2_sft_builds_the_state_dict_on_rank_0_only(sft_1proc, tiny_models, sft_data, tmp_path):
+    """Under ZeRO-2 accelerate clones every weight to the CPU to build a state dict; rank 1 must not, and tfmr/
+    still holds the model one process trains."""
+    config = tmp_path / "zero2.yaml"
+    config.write_text(CONFIG.read_text().replace("zero_stage: 3", "zero_stage: 2"))
+    probe, probe_dir = tmp_path / "probe.py", tmp_path / "probe"
+    probe.write_text(SFT_PROBE.format(root=str(ROOT)))
+    probe_dir.mkdir()
+    flags = sft_flags(tiny_models, sft_data, tmp_path, 2)
+    launch(probe, *flags, cwd=tmp_path, name="sft_zero2", env={"PROBE_DIR": str(probe_dir)}, config=config)
+    assert sorted(p.name for p in probe_dir.iterdir()) == ["rank0.txt"]
+    assert (probe_dir / "rank0.txt").read_text().split() == ["get_state_dict"] * 4  # one per checkpoint
+    ids = torch.tensor([list(range(5, 69))])
+    two = logits_of(latest_checkpoint(tmp_path / "ckpts" / "sft_stage1") / "tfmr", ids)
+    one = logits_of(latest_checkpoint(sft_1proc / "ckpts" / "sft_stage1") / "tfmr", ids)
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-4)
+
+
 class CountingAccelerator:
     """What state_dict_on_main reads of an accelerator; get_state_dict counts its calls and, as under ZeRO-3,
     hands the weights to the main process only."""
