@@ -1,5 +1,5 @@
 """Every training stage under DeepSpeed ZeRO-3 with 2 CPU processes over gloo (configs/cpu_zero3_2proc.yaml), the
-multi-process path of the paper's `accelerate launch --num_processes 8` commands.
+multi-process path of the paper's `accelerate launch --num_processes 8` commands, and SFT's saves under ZeRO-2.
 
 Each launch runs in a process group of its own under a timeout; a launch that hangs is killed with its workers
 and the test fails with the tail of its output. One launch feeds several tests through module-scoped fixtures.
