@@ -237,6 +237,7 @@ def check_same_tokenizer(tokenizer, value_model_path: str) -> None:
 
 
 def main(args):
+    """Train; returns the trainer (ours for PPO, TRL's for GRPO/RLOO) with the final model saved."""
     script_args, model_args, lora_args, config = args
     from accelerate import PartialState
 
@@ -298,9 +299,11 @@ def main(args):
         def to_trl(rows):
             return Dataset.from_list([{"prompt": r["prompt"], "reference": r["reference"]} for r in rows])
 
-        train_with_trl(script_args.algorithm, trl_args, to_trl(train_set), to_trl(eval_set), reward_fn)
+        trainer = train_with_trl(
+            script_args.algorithm, trl_args, to_trl(train_set), to_trl(eval_set), reward_fn
+        )
         state.print(f"final model: {output_dir}")
-        return
+        return trainer
 
     # Under `accelerate launch` with a ZeRO-3 config, parsing PPOConfig (a TrainingArguments) built a DeepSpeed
     # plugin from the launcher's environment and registered its config with transformers for as long as
@@ -360,6 +363,7 @@ def main(args):
             f"last update: score {last['objective/scores']:.3f}, kl {last['objective/kl']:.4f}, "
             f"{last['eps']:.2f} episodes/s"
         )
+    return trainer
 
 
 if __name__ == "__main__":

