@@ -188,6 +188,34 @@ def test_verdict_reads_the_schema_then_the_plain_reply(reply, expected):
     assert verdict(reply) is expected
 
 
+def test_vllms_grammar_backend_compiles_each_schema_and_accepts_what_the_parsers_read():
+    xgr = pytest.importorskip("xgrammar")  # vLLM's default structured-output backend (requirements-gpu.txt)
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from construct_verifiable_medical_problems import FILTER_FORMAT, REFORMAT_FORMAT
+    from huatuo.search import COT_FORMAT, NATURAL_REASONING_FORMAT, VERDICT_FORMAT
+
+    steps = [
+        {"action": "Inner Thinking", "title": "t", "content": "a"},
+        {"action": "Final Conclusion", "title": None, "content": "b"},
+        {"action": "Verification", "title": None, "content": "c"},
+    ]
+    cases = [
+        (COT_FORMAT, {"CoT": steps}, True),
+        (COT_FORMAT, {"CoT": [{"action": "Inner Thinking", "content": "a"}]}, False),
+        (NATURAL_REASONING_FORMAT, {"NaturalReasoning": "Hmm.\n\nOkay."}, True),
+        (VERDICT_FORMAT, {"agrees": False}, True),
+        (VERDICT_FORMAT, {"agrees": "False"}, False),
+        (FILTER_FORMAT, {"category": "Too Simple"}, True),
+        (FILTER_FORMAT, {"category": "Simple"}, False),
+        (REFORMAT_FORMAT, {QUESTION: "Cause?", ANSWER: "Parvovirus B19"}, True),
+        (REFORMAT_FORMAT, {QUESTION: "Cause?"}, False),
+    ]
+    for fmt, value, valid in cases:
+        grammar = xgr.Grammar.from_json_schema(json.dumps(fmt["json_schema"]["schema"]), strict_mode=True)
+        assert accepts(grammar, json.dumps(value)) is valid, (fmt["json_schema"]["name"], value)
+
+
 def test_backtracking_is_never_the_first_strategy():
     rng = random.Random(0)
     first = Counter(pick_strategy(rng, 0) for _ in range(2000))
