@@ -147,6 +147,13 @@ class ModelArguments:
     llm_judge_model: str = field(
         default="gpt-4o", metadata={"help": "Model name for --reward_model_path llm:<url>."}
     )
+    structured_output: bool = field(
+        default=True,
+        metadata={
+            "help": "--reward_model_path llm:<url>: ask the judge for its verdict as a json_schema response_format; "
+            "--no_structured_output leaves it out, for servers that refuse it (the plain True/False is read)."
+        },
+    )
     lora_value_model: bool = field(
         default=True,
         metadata={
@@ -289,6 +296,7 @@ def main(args):
         batch_size=model_args.reward_batch_size,
         max_length=model_args.reward_max_length,
         llm_model=model_args.llm_judge_model,
+        structured_output=model_args.structured_output,
     )
 
     if script_args.algorithm in ("grpo", "rloo"):
