@@ -1,11 +1,11 @@
-"""Runs PPO through RL_stage2.py with --rollout_backend vllm, then compares the engine with the trained policy.
+"""Runs stage 2 through RL_stage2.py with --rollout_backend vllm, then records what the engine holds afterwards.
 
     python tests/vllm_ppo_check.py RESULT.json -- <RL_stage2.py flags>
 
 The tests run it in a child process of its own: a colocated vLLM engine sets up torch.distributed and process-wide
-environment in the process that builds it. RESULT.json receives, for a few held-out prompts, the engine's greedy
-continuation and the policy's (transformers generate), and, for a LoRA policy, whether every frozen base weight
-still equals the one on disk bit for bit.
+environment in the process that builds it. RESULT.json receives a few held-out prompts with the engine's greedy
+continuation of each (to be checked against the saved policy) and, for a LoRA policy, whether every frozen base
+weight still equals the one on disk bit for bit after the weight syncs.
 """
 
 import json
@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from accelerate.utils import is_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 from vllm import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,33 +36,16 @@ def base_weights_untouched(policy, model_dir: Path) -> bool:
     return True
 
 
-@torch.no_grad()
-def greedy(model, ids: list[int], trainer) -> list[int]:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(
-            input_ids=torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=GREEDY_TOKENS,
-            do_sample=False,
-            eos_token_id=trainer.stop_token_ids,
-            pad_token_id=trainer.pad_id,
-        )
-    return out[0, len(ids) :].tolist()
-
-
 def main(result_path: str, flags: list[str]) -> None:
     args = RL_stage2.parse_args(flags)
     trainer = RL_stage2.main(args)
-    policy = trainer.accelerator.unwrap_model(trainer.model).policy.eval()
     prompts = [row["input_ids"] for row in (trainer.eval_dataset or trainer.train_dataset)[:3]]
     params = SamplingParams(temperature=0.0, max_tokens=GREEDY_TOKENS)
     outputs = trainer.vllm.llm.generate(
         [{"prompt_token_ids": ids} for ids in prompts], sampling_params=params, use_tqdm=False
     )
-    engine = [list(out.outputs[0].token_ids) for out in outputs]
-    reference = [greedy(policy, ids, trainer) for ids in prompts]
-    base = AutoModelForCausalLM.from_pretrained(args[1].model_name_or_path, dtype=torch.bfloat16).eval()
-    result = {"engine": engine, "policy": reference, "base": [greedy(base, ids, trainer) for ids in prompts]}
+    result = {"prompts": prompts, "engine": [list(out.outputs[0].token_ids) for out in outputs]}
+    policy = trainer.accelerator.unwrap_model(trainer.model).policy
     if is_peft_model(policy):
         result["base_untouched"] = base_weights_untouched(policy, Path(args[1].model_name_or_path))
     Path(result_path).write_text(json.dumps(result))
