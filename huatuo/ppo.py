@@ -107,6 +107,14 @@ class PPOConfig(TrainingArguments):
             "cache takes VLLM_CPU_KVCACHE_SPACE GiB of RAM instead."
         },
     )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "ZeRO-3 with --rollout_backend hf: gather the whole policy on every process for sampling "
+            "(fast). --ds3_gather_for_generation False samples from the shards instead, gathering layer by "
+            "layer at every token: much slower, but a policy too large for one device can roll out."
+        },
+    )
     vllm_tensor_parallel_size: int = field(
         default=1,
         metadata={"help": "GPUs each vLLM engine spans; must divide the number of processes."},

@@ -292,7 +292,8 @@ class PPOTrainer:
     # ------------------------------------------------------------------ rollout
     @contextmanager
     def _policy_for_generation(self):
-        """The bare policy, with ZeRO-3 shards gathered so generate() does not gather per token. On a CPU in bf16,
+        """The bare policy, with ZeRO-3 shards gathered so generate() does not gather per token (unless
+        --ds3_gather_for_generation False, for a policy too large to gather on one device). On a CPU in bf16,
         a bf16 copy of it instead, refreshed from the fp32 weights before each rollout: under autocast every
         weight is cast again for each sampled token, and the copy sampled 1.15x faster than autocast here
         (1.67x fp32). The log-probabilities PPO trains on are still computed by the policy itself."""
@@ -301,7 +302,7 @@ class PPOTrainer:
         if self.args.bf16 and on_cpu and not is_peft_model(policy):
             yield self._bf16_copy(policy)
             return
-        if not self.is_zero3:
+        if not self.is_zero3 or not self.args.ds3_gather_for_generation:
             yield policy
             return
         import deepspeed
@@ -348,6 +349,9 @@ class PPOTrainer:
                         input_ids=q,
                         attention_mask=query_mask[i : i + step].to(acc.device),
                         generation_config=generation_config,
+                        # sharded weights: every forward gathers collectively, so a process whose responses all
+                        # stopped keeps stepping until every process is done
+                        synced_gpus=self.is_zero3 and not args.ds3_gather_for_generation,
                     )
                     chunks.extend(out[:, q.shape[1] :].cpu())
         responses = right_pad(chunks, self.pad_id)
@@ -532,15 +536,12 @@ class PPOTrainer:
         acc = self.accelerator
         shard = self.eval_dataset[acc.process_index :: acc.num_processes]
         own = len(shard)
-        # every process samples the same number of chunks: under ZeRO-3 each one gathers the weights together
+        # every process samples as many prompts, so as many chunks: under ZeRO-3 without the gather for
+        # generation each forward is collective
         shard += self.eval_dataset[:1] * (math.ceil(len(self.eval_dataset) / acc.num_processes) - own)
-        texts, references = [], []
-        step = self.args.local_rollout_forward_batch_size
-        for i in range(0, len(shard), step):
-            part = shard[i : i + step]
-            texts += self._sample([r["input_ids"] for r in part], self.args.temperature).texts
-            references += [r["reference"] for r in part]
-        texts, references = texts[:own], references[:own]
+        # one call, so ZeRO-3 gathers the policy once for the whole split rather than once per chunk
+        texts = self._sample([r["input_ids"] for r in shard], self.args.temperature).texts[:own]
+        references = [r["reference"] for r in shard[:own]]
         judgements = self.reward_fn.judge(texts, references) if texts else []
         scores = self.reward_fn.rewards(judgements)
         totals = torch.tensor(
