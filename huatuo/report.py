@@ -101,19 +101,29 @@ DIAGNOSTICS = {
 }
 
 
+def progress_key(rows: list[dict]) -> str:
+    """What a metrics file counts its rows by: "update" for our PPO, "step" for TRL's trainers."""
+    return "update" if any("update" in row for row in rows) else "step"
+
+
+def diagnostic(rows: list[dict], label: str) -> tuple[str, list[float], list[float]] | None:
+    """(key, xs, ys) of the DIAGNOSTICS entry `label` under the first of its keys the rows hold, against
+    progress_key; None when the rows hold none of them."""
+    x_key = progress_key(rows)
+    for key in DIAGNOSTICS[label]:
+        xs, ys = series(rows, x_key, key)
+        if xs:
+            return key, xs, ys
+    return None
+
+
 def plot_diagnostics(rows: list[dict], path, title: str) -> list[str]:
     """One PNG at `path` with a panel per diagnostic found in the rows of a metrics.jsonl (our PPO's, by
     "update", or TRL's GRPO/RLOO, by "step"): reward, format and correct rates, KL, entropy, response length,
     clip fraction, and for PPO value loss and explained variance, for GRPO the share of groups whose rewards
     are all equal (no advantage to learn from). Returns the panels drawn; raises ValueError when none is."""
-    x_key = "update" if any("update" in row for row in rows) else "step"
-    panels = {}
-    for label, keys in DIAGNOSTICS.items():
-        for key in keys:
-            xs, ys = series(rows, x_key, key)
-            if xs:
-                panels[label] = (key, xs, ys)
-                break
+    x_key = progress_key(rows)
+    panels = {label: found for label in DIAGNOSTICS if (found := diagnostic(rows, label))}
     if not panels:
         raise ValueError(
             f"no diagnostic key ({', '.join(k for keys in DIAGNOSTICS.values() for k in keys)}) found"
