@@ -1,6 +1,9 @@
 """The real-model RL bench's own steps, offline: its data split, reply scoring and curve summaries."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +13,12 @@ from huatuo.problems import check_disjoint
 from tests.test_problems import MEDMCQA, MEDQA, MMLU_PRO, PUBMEDQA
 
 WELL_FORMED = "## Thinking\n\nIt is {}.\n\n## Final Response\n\n{}"
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_rl_real.py"
+
+
+def test_help_runs_as_a_script():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
+    assert "--sft_model" in out.stdout and "--rollout_backend" in out.stdout
 
 
 def test_quick_and_full_sizes_and_the_group_check():
