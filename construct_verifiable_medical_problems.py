@@ -40,7 +40,7 @@ import random
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from huatuo.batch import add_batch_args, batch_queue_for, check_batch_args
@@ -54,11 +54,10 @@ from huatuo.llm import (
     normalize_api_url,
     resolve_api_key,
 )
+from huatuo.problems import DECONTAMINATION_CHARS, Decontaminator, closed_form_question, render_options
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
 from huatuo.search import ParseError, extract_json_object
 from huatuo.store import DROPPED, GIVEN_UP, KEPT, ItemStore, run_all, save_args, write_json_atomic
-
-DECONTAMINATION_CHARS = 64
 
 
 def parse_args(argv=None):
@@ -130,48 +129,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def render_options(options):
-    return "\n".join(f"{letter}. {text}" for letter, text in options.items())
-
-
-def normalize_text(text):
-    return " ".join(text.split()).casefold()
-
-
-class Decontaminator:
-    """Finds training questions sharing `n` consecutive characters with an eval question.
-
-    Eval texts are indexed by aligned chunks of n // 2 characters: any common run of n characters
-    covers one whole aligned chunk, so looking up every chunk-sized window of a training question
-    finds each candidate, and extending the match both ways confirms it. The index stays small
-    (one entry per n // 2 eval characters) however large the eval set is.
-    """
-
-    def __init__(self, texts, n=DECONTAMINATION_CHARS):
-        self.n, self.k = n, n // 2
-        self.texts = [normalize_text(t) for t in texts]
-        self.chunks = defaultdict(list)
-        for index, text in enumerate(self.texts):
-            for offset in range(0, len(text) - self.k + 1, self.k):
-                self.chunks[text[offset : offset + self.k]].append((index, offset))
-
-    def match(self, question):
-        """Index of an eval text sharing n characters with `question`, or None."""
-        q = normalize_text(question)
-        for i in range(len(q) - self.k + 1):
-            for index, offset in self.chunks.get(q[i : i + self.k], ()):
-                t = self.texts[index]
-                left = 0
-                while i - left > 0 and offset - left > 0 and q[i - left - 1] == t[offset - left - 1]:
-                    left += 1
-                right = self.k
-                while i + right < len(q) and offset + right < len(t) and q[i + right] == t[offset + right]:
-                    right += 1
-                if left + right >= self.n:
-                    return index
-        return None
-
-
 def parse_difficulty_models(specs):
     models = []
     for spec in specs:
@@ -223,8 +180,7 @@ def parse_reformat(reply):
 
 
 def closed_form(item):
-    question = f"{item['question']}\n{render_options(item['options'])}"
-    return question, f"{item['answer_idx']}. {item['options'][item['answer_idx']]}"
+    return closed_form_question(item), f"{item['answer_idx']}. {item['options'][item['answer_idx']]}"
 
 
 def keep_closed(process_id, fraction, seed):

@@ -273,6 +273,16 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     return whitened * mask.to(values.dtype)
 
 
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 when the value model predicts the
+    returns exactly, 0 when it does no better than their mean, below 0 when worse; nan when the returns do
+    not vary (nothing to explain)."""
+    returns_var = masked_var(returns, mask)
+    if returns_var == 0:
+        return math.nan
+    return float(1 - masked_var(returns - values, mask) / returns_var)
+
+
 def stop_mask(responses: torch.Tensor, stop_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(mask of tokens up to and including the first stop token, whether each row has a stop token)."""
     is_stop = torch.isin(responses, torch.tensor(stop_token_ids, device=responses.device))

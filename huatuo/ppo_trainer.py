@@ -31,6 +31,7 @@ from huatuo.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
+    explained_variance,
     interval_in_updates,
     kl_shaped_rewards,
     left_pad,
@@ -518,6 +519,7 @@ class PPOTrainer:
             "val/ratio": mean(stats["ratio"]),
             "val/num_eos_tokens": float(rollout.has_stop.float().sum()),
             "val/response_length": float(mask.sum(dim=1).float().mean()),
+            "val/explained_variance": explained_variance(values, returns, mask),
         }
         return self._mean_over_processes(local)
 
