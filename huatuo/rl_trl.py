@@ -45,7 +45,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from huatuo.checkpoints import drop_logged_after, find_checkpoint
 from huatuo.lora import MergedLoraSaveMixin, lora_config
-from huatuo.models import attn_implementation, ensure_chat_template
+from huatuo.models import attn_implementation, check_vllm_installed, ensure_chat_template
 from huatuo.reward import RewardFunction, reward_stats
 
 
@@ -186,8 +186,6 @@ def trl_config(algorithm: str, args, world_size: int | None = None, evaluate: bo
         fields["model_init_kwargs"]["dtype"] = "bfloat16"
     fields["use_vllm"] = getattr(args, "rollout_backend", "hf") == "vllm"
     if fields["use_vllm"]:
-        from huatuo.vllm_rollout import check_vllm_installed
-
         check_vllm_installed()
         fields["vllm_mode"] = "colocate"
         if getattr(args, "max_prompt_length", None):

