@@ -5,7 +5,8 @@
 The tests run it in a child process of its own: a colocated vLLM engine sets up torch.distributed and process-wide
 environment in the process that builds it. RESULT.json receives a few held-out prompts with the engine's greedy
 continuation of each (to be checked against the saved policy) and, for a LoRA policy, whether every frozen base
-weight still equals the one on disk bit for bit after the weight syncs.
+weight still equals the one on disk bit for bit after the weight syncs. Under `accelerate launch` with several
+processes each writes RESULT.rank<N>.json for its own engine.
 """
 
 import json
@@ -46,9 +47,13 @@ def main(result_path: str, flags: list[str]) -> None:
     )
     result = {"prompts": prompts, "engine": [list(out.outputs[0].token_ids) for out in outputs]}
     policy = trainer.accelerator.unwrap_model(trainer.model).policy
-    if is_peft_model(policy):
+    if is_peft_model(policy) and not trainer.is_zero3:
         result["base_untouched"] = base_weights_untouched(policy, Path(args[1].model_name_or_path))
-    Path(result_path).write_text(json.dumps(result))
+    acc = trainer.accelerator
+    path = Path(result_path)
+    if acc.num_processes > 1:  # every process has an engine of its own
+        path = path.with_suffix(f".rank{acc.process_index}.json")
+    path.write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
