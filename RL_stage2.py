@@ -147,6 +147,13 @@ class ModelArguments:
     llm_judge_model: str = field(
         default="gpt-4o", metadata={"help": "Model name for --reward_model_path llm:<url>."}
     )
+    structured_output: bool = field(
+        default=True,
+        metadata={
+            "help": "--reward_model_path llm:<url>: ask the judge for its verdict as a json_schema response_format; "
+            "--no_structured_output leaves it out, for servers that refuse it (the plain True/False is read)."
+        },
+    )
     lora_value_model: bool = field(
         default=True,
         metadata={
@@ -237,6 +244,7 @@ def check_same_tokenizer(tokenizer, value_model_path: str) -> None:
 
 
 def main(args):
+    """Train; returns the trainer (ours for PPO, TRL's for GRPO/RLOO) with the final model saved."""
     script_args, model_args, lora_args, config = args
     from accelerate import PartialState
 
@@ -288,6 +296,7 @@ def main(args):
         batch_size=model_args.reward_batch_size,
         max_length=model_args.reward_max_length,
         llm_model=model_args.llm_judge_model,
+        structured_output=model_args.structured_output,
     )
 
     if script_args.algorithm in ("grpo", "rloo"):
@@ -298,9 +307,11 @@ def main(args):
         def to_trl(rows):
             return Dataset.from_list([{"prompt": r["prompt"], "reference": r["reference"]} for r in rows])
 
-        train_with_trl(script_args.algorithm, trl_args, to_trl(train_set), to_trl(eval_set), reward_fn)
+        trainer = train_with_trl(
+            script_args.algorithm, trl_args, to_trl(train_set), to_trl(eval_set), reward_fn
+        )
         state.print(f"final model: {output_dir}")
-        return
+        return trainer
 
     # Under `accelerate launch` with a ZeRO-3 config, parsing PPOConfig (a TrainingArguments) built a DeepSpeed
     # plugin from the launcher's environment and registered its config with transformers for as long as
@@ -360,6 +371,7 @@ def main(args):
             f"last update: score {last['objective/scores']:.3f}, kl {last['objective/kl']:.4f}, "
             f"{last['eps']:.2f} episodes/s"
         )
+    return trainer
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Per question (options shown as one `A. text` line each), cheapest checks first:
                                  its options as the problem, the correct option as the answer)
   6. the LLM rewrites the rest as {"Open-ended Verifiable Question", "Ground-True Answer"}
                                  (asked again on unparseable JSON, --max_parse_retries times)
+Steps 4 and 6 send a json_schema response_format (FILTER_FORMAT: {"category": one of the four};
+REFORMAT_FORMAT: the two keys). --no_structured_output leaves it out; the parsers accept both the
+schema's JSON and the free-text forms the prompts ask for. The difficulty models answer in free text.
 
     python construct_verifiable_medical_problems.py --data_path data/demo_data.json --filter_data \\
         --model_name gpt-4o                              # key from OPENAI_API_KEY
@@ -37,17 +40,24 @@ import random
 import re
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from huatuo.batch import add_batch_args, batch_queue_for, check_batch_args
 from huatuo.items import ANSWER, MCQ, QUESTION, InputError, load_eval_file, load_items
-from huatuo.llm import LLMClient, Usage, add_api_args, normalize_api_url, resolve_api_key
+from huatuo.llm import (
+    LLMClient,
+    StructuredOutputUnsupported,
+    Usage,
+    add_api_args,
+    json_schema_format,
+    normalize_api_url,
+    resolve_api_key,
+)
+from huatuo.problems import DECONTAMINATION_CHARS, Decontaminator, closed_form_question, render_options
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
 from huatuo.search import ParseError, extract_json_object
 from huatuo.store import DROPPED, GIVEN_UP, KEPT, ItemStore, run_all, save_args, write_json_atomic
-
-DECONTAMINATION_CHARS = 64
 
 
 def parse_args(argv=None):
@@ -119,48 +129,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def render_options(options):
-    return "\n".join(f"{letter}. {text}" for letter, text in options.items())
-
-
-def normalize_text(text):
-    return " ".join(text.split()).casefold()
-
-
-class Decontaminator:
-    """Finds training questions sharing `n` consecutive characters with an eval question.
-
-    Eval texts are indexed by aligned chunks of n // 2 characters: any common run of n characters
-    covers one whole aligned chunk, so looking up every chunk-sized window of a training question
-    finds each candidate, and extending the match both ways confirms it. The index stays small
-    (one entry per n // 2 eval characters) however large the eval set is.
-    """
-
-    def __init__(self, texts, n=DECONTAMINATION_CHARS):
-        self.n, self.k = n, n // 2
-        self.texts = [normalize_text(t) for t in texts]
-        self.chunks = defaultdict(list)
-        for index, text in enumerate(self.texts):
-            for offset in range(0, len(text) - self.k + 1, self.k):
-                self.chunks[text[offset : offset + self.k]].append((index, offset))
-
-    def match(self, question):
-        """Index of an eval text sharing n characters with `question`, or None."""
-        q = normalize_text(question)
-        for i in range(len(q) - self.k + 1):
-            for index, offset in self.chunks.get(q[i : i + self.k], ()):
-                t = self.texts[index]
-                left = 0
-                while i - left > 0 and offset - left > 0 and q[i - left - 1] == t[offset - left - 1]:
-                    left += 1
-                right = self.k
-                while i + right < len(q) and offset + right < len(t) and q[i + right] == t[offset + right]:
-                    right += 1
-                if left + right >= self.n:
-                    return index
-        return None
-
-
 def parse_difficulty_models(specs):
     models = []
     for spec in specs:
@@ -183,6 +151,25 @@ def chosen_letter(reply, letters):
     return bare if bare in letters else None
 
 
+FILTER_CATEGORIES = ("Pass", "Too Simple", "Ambiguous Answer", "Not Reformulatable")
+FILTER_FORMAT = json_schema_format(
+    "question_filter", {"category": {"type": "string", "enum": list(FILTER_CATEGORIES)}}
+)
+REFORMAT_FORMAT = json_schema_format(
+    "verifiable_problem", {QUESTION: {"type": "string"}, ANSWER: {"type": "string"}}
+)
+
+
+def filter_category(reply):
+    """The filter's verdict: `category` of a FILTER_FORMAT reply, else the reply itself (the bare
+    category name the prompt asks for)."""
+    try:
+        category = extract_json_object(reply).get("category")
+    except ParseError:
+        return reply
+    return category if isinstance(category, str) else reply
+
+
 def parse_reformat(reply):
     obj = extract_json_object(reply)
     if set(obj) != {QUESTION, ANSWER}:
@@ -193,8 +180,7 @@ def parse_reformat(reply):
 
 
 def closed_form(item):
-    question = f"{item['question']}\n{render_options(item['options'])}"
-    return question, f"{item['answer_idx']}. {item['options'][item['answer_idx']]}"
+    return closed_form_question(item), f"{item['answer_idx']}. {item['options'][item['answer_idx']]}"
 
 
 def keep_closed(process_id, fraction, seed):
@@ -254,7 +240,15 @@ def main(args):
         )
         # Only the main model goes through batches: the difficulty models are local servers.
         batch = batch_queue_for(args, api_url, api_key, output_dir / f"{name}_batches", args.timeout)
-        llm = LLMClient(api_url, args.model_name, api_key, max_tokens=args.max_tokens, batch=batch, **common)
+        llm = LLMClient(
+            api_url,
+            args.model_name,
+            api_key,
+            max_tokens=args.max_tokens,
+            batch=batch,
+            structured_output=not args.no_structured_output,
+            **common,
+        )
         small = [
             LLMClient(
                 url, model, args.difficulty_api_key, max_tokens=args.max_tokens, temperature=0.0, **common
@@ -295,7 +289,10 @@ def main(args):
                 if all(a["correct"] for a in answers):
                     return dropped(record, "difficulty", "every difficulty model answered correctly")
             if args.filter_data:
-                verdict = (await llm.chat(prompts["construct_filter"].format(**fields))).text
+                reply = await llm.chat(
+                    prompts["construct_filter"].format(**fields), response_format=FILTER_FORMAT
+                )
+                verdict = filter_category(reply.text)
                 record["filter_reply"] = verdict
                 if "pass" not in verdict.lower():
                     first_line = verdict.strip().splitlines()[0] if verdict.strip() else "(empty reply)"
@@ -305,7 +302,8 @@ def main(args):
                 return {**record, QUESTION: question, ANSWER: answer, "closed_form": True, "status": KEPT}
             replies = []
             for _ in range(args.max_parse_retries + 1):
-                reply = (await llm.chat(prompts["construct_reformat"].format(**fields))).text
+                prompt = prompts["construct_reformat"].format(**fields)
+                reply = (await llm.chat(prompt, response_format=REFORMAT_FORMAT)).text
                 replies.append(reply)
                 try:
                     question, answer = parse_reformat(reply)
@@ -341,6 +339,8 @@ def main(args):
         counts, stats, seconds = asyncio.run(run())
     except KeyboardInterrupt:
         sys.exit(f"interrupted; finished items are saved in {store.directory}, rerun to resume")
+    except StructuredOutputUnsupported as err:
+        sys.exit(f"error: {err}; finished items are saved in {store.directory}")
 
     # ------------------------------------------------------------------ save
     wanted = {str(it["process_id"]) for it in items}

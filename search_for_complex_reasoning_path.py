@@ -10,6 +10,10 @@ Per problem (question x, ground-truth answer y*):
      (and asked not to let on); it counts as verified (Label_CoT);
   6. the verified chain, rendered as a stream of search, is rewritten as natural first-person thinking
      (Complex_CoT), and the LLM answers x from that thinking (Response).
+Every call but the final answer's (free text) sends a json_schema response_format, defined in
+huatuo/search.py: the CoT steps (initial, refinements, Label_CoT), the verdict {"agrees": bool} and
+{"NaturalReasoning": str}. --no_structured_output leaves it out; the parsers accept both the schema's
+JSON and the free-text forms the prompts ask for.
 
     export OPENAI_API_KEY=...
     python search_for_complex_reasoning_path.py --data_path data/demo_data.json --efficient_search True \\
@@ -50,10 +54,21 @@ from pathlib import Path
 
 from huatuo.batch import add_batch_args, batch_queue_for, check_batch_args
 from huatuo.items import ANSWER, QUESTION, VERIFIABLE, InputError, check_items, read_json
-from huatuo.llm import LLMClient, LLMError, Usage, add_api_args, normalize_api_url, resolve_api_key
+from huatuo.llm import (
+    LLMClient,
+    LLMError,
+    StructuredOutputUnsupported,
+    Usage,
+    add_api_args,
+    normalize_api_url,
+    resolve_api_key,
+)
 from huatuo.prompts import PromptError, add_prompt_args, load_prompt
 from huatuo.search import (
+    COT_FORMAT,
+    NATURAL_REASONING_FORMAT,
     STRATEGIES,
+    VERDICT_FORMAT,
     ParseError,
     extend_cot,
     final_conclusion,
@@ -171,10 +186,10 @@ async def search(llm, prompts, item, args):
     rng = item_rng(args.seed, item["process_id"])
     record = {**item, "Long_CoT": [], "verify": [], "response_type": [], "failed_attempts": [], "llm_log": []}
 
-    async def ask(step, prompt, parse, **fields):
+    async def ask(step, prompt, parse, response_format, **fields):
         query = prompts[prompt].format(**fields)
         for _ in range(args.max_parse_retries + 1):
-            reply = (await llm.chat(query)).text
+            reply = (await llm.chat(query, response_format=response_format)).text
             record["llm_log"].append({"step": step, "query": query, "response": reply})
             try:
                 return parse(reply)
@@ -183,16 +198,15 @@ async def search(llm, prompts, item, args):
         raise GiveUp(f"{step}: no valid reply in {args.max_parse_retries + 1} tries ({problem})")
 
     async def verified():
-        ok = await ask(
-            "verify", "verify", verdict, response=final_conclusion(record["Long_CoT"]), reference=answer
-        )
+        conclusion = final_conclusion(record["Long_CoT"])
+        ok = await ask("verify", "verify", verdict, VERDICT_FORMAT, response=conclusion, reference=answer)
         record["verify"].append(ok)
         return ok
 
     async def refine(step, prompt, **fields):
         reasoning = previous_reasoning(record["Long_CoT"])
         new_steps = await ask(
-            step, prompt, parse_cot, question=question, previous_reasoning=reasoning, **fields
+            step, prompt, parse_cot, COT_FORMAT, question=question, previous_reasoning=reasoning, **fields
         )
         record["Long_CoT"] = extend_cot(record["Long_CoT"], new_steps)
         record["response_type"].append(step)
@@ -204,7 +218,9 @@ async def search(llm, prompts, item, args):
                     {k: record[k] for k in ("Long_CoT", "verify", "response_type")}
                 )
                 record.update(Long_CoT=[], verify=[], response_type=[])
-            record["Long_CoT"] = await ask("Init_CoT", "search_init", parse_cot, question=question)
+            record["Long_CoT"] = await ask(
+                "Init_CoT", "search_init", parse_cot, COT_FORMAT, question=question
+            )
             record["response_type"].append("Init_CoT")
             ok = await verified()
             for depth in range(args.max_search_depth):
@@ -230,11 +246,18 @@ async def search(llm, prompts, item, args):
             "reformat_natural",
             "reformat_natural",
             parse_natural_reasoning,
+            NATURAL_REASONING_FORMAT,
             thought_process=thinking,
             question=question,
         )
+        # Free text: the answer a reader sees, with nothing to parse out of it.
         response = await ask(
-            "final_response", "final_response", parse_final_response, thinking=natural, question=question
+            "final_response",
+            "final_response",
+            parse_final_response,
+            None,
+            thinking=natural,
+            question=question,
         )
     except (GiveUp, LLMError) as err:
         return {**record, "status": GIVEN_UP, "reason": str(err)}
@@ -276,6 +299,7 @@ def main(args):
             max_retries=args.max_retries,
             timeout=args.timeout,
             stats=stats,
+            structured_output=not args.no_structured_output,
             max_tokens=args.max_tokens,
             batch=batch_queue_for(args, api_url, api_key, output_dir / f"{name}_batches", args.timeout),
         )
@@ -299,6 +323,8 @@ def main(args):
         counts, stats = asyncio.run(run())
     except KeyboardInterrupt:
         sys.exit(f"interrupted; finished items are saved in {store.directory}, rerun to resume")
+    except StructuredOutputUnsupported as err:
+        sys.exit(f"error: {err}; finished items are saved in {store.directory}")
     seconds = time.time() - start
 
     # ------------------------------------------------------------------ save

@@ -79,10 +79,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def evaluate(model: str, eval_file: Path, out: Path, args) -> tuple[dict, list[dict], float]:
+def evaluate(
+    model: str, eval_file: Path, out: Path, args, server_flags: tuple[str, ...] = ()
+) -> tuple[dict, list[dict], float]:
+    """Serve `model`, ask eval.py's questions of eval_file, stop the server; server_flags go to the server
+    after `--`. Returns eval.py's per-source summary, its replies and the seconds spent asking."""
     port, run_dir = str(free_port()), str(out / "server")
     launch = ["bash", "evaluation/launch_sglang_server.sh", "--backend", "transformers", "--run_dir", run_dir]
-    subprocess.run([*launch, "--timeout", "600", model, port], cwd=ROOT, check=True)
+    extra = ["--", *server_flags] if server_flags else []
+    subprocess.run([*launch, "--timeout", "600", model, port, *extra], cwd=ROOT, check=True)
     start = time.perf_counter()
     try:
         subprocess.run(

@@ -14,16 +14,17 @@
 #
 # Defaults: PORT 30000 (eval.py's default --port), DP 1, TP 1, MEM_FRACTION 0.8. DP/TP/MEM_FRACTION
 # map to --dp/--tp/--mem-fraction-static (sglang) and --data-parallel-size/--tensor-parallel-size/
-# --gpu-memory-utilization (vllm); the transformers backend serves one copy on the CPU (or the GPU
-# when present) with continuous batching, in bf16 where the device supports it ($HUATUO_SERVE_DTYPE
-# overrides: float32, bfloat16, auto), and ignores them. Flags after `--` go to the server unchanged.
+# --gpu-memory-utilization (vllm; on a CPU vLLM's KV cache takes $VLLM_CPU_KVCACHE_SPACE GiB, default 2
+# here). The transformers backend, the fallback where vLLM is not installed, serves one copy on the CPU
+# (or the GPU when present) in bf16 where the device supports it ($HUATUO_SERVE_DTYPE overrides:
+# float32, bfloat16, auto), and ignores them. Flags after `--` go to the server unchanged.
 #
 # The server runs in a process group of its own, recorded in RUN_DIR/server_PORT.pid, so that
 # kill_sglang_server.sh stops it and everything it spawned, and nothing else. Its output goes to
 # RUN_DIR/server_PORT.log. On failure the script prints the log's tail and exits non-zero.
 set -euo pipefail
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 # Field N (1-based, as in proc(5)) of /proc/PID/stat; the command name in field 2 may hold spaces.
 stat_field() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f$(($2 - 2)); }
 # A dead child stays a zombie until this shell exits, and kill -0 still succeeds on a zombie.
@@ -64,19 +65,28 @@ case "$backend" in
         cmd=(python -m sglang.launch_server --model-path "$model" --host "$host" --port "$port"
             --mem-fraction-static "$mem" --dp "$dp" --tp "$tp") ;;
     vllm)
-        cmd=(vllm serve "$model" --host "$host" --port "$port" --gpu-memory-utilization "$mem"
-            --data-parallel-size "$dp" --tensor-parallel-size "$tp") ;;
+        # The module, not the `vllm` console script: the CPU build's distribution is named vllm-cpu, and the
+        # script looks up `vllm` and exits with PackageNotFoundError.
+        cmd=(python -m vllm.entrypoints.openai.api_server --model "$model" --host "$host" --port "$port"
+            --data-parallel-size "$dp" --tensor-parallel-size "$tp")
+        if command -v nvidia-smi > /dev/null && nvidia-smi -L > /dev/null 2>&1; then
+            cmd+=(--gpu-memory-utilization "$mem")
+        else
+            # On a CPU the KV cache is a fixed share of RAM in GiB (vLLM's default, 4, is more than a small
+            # model needs), and vLLM keeps one core for its API server unless told otherwise.
+            export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-2}"
+        fi ;;
     transformers)
         if [[ "$dp" != 1 || "$tp" != 1 ]]; then
             echo "note: the transformers backend serves a single copy; DP=$dp TP=$tp ignored" >&2
         fi
-        # bf16 where the device computes it natively (a bf16 GPU, or a CPU with AVX512-BF16 or AMX; 2.6x
-        # faster than the defaults on a 135M model here, with continuous batching), unless
-        # HUATUO_SERVE_DTYPE says otherwise (float32 opts out).
+        # bf16 where the device computes it natively (a bf16 GPU, or a CPU with AVX512-BF16 or AMX), unless
+        # HUATUO_SERVE_DTYPE says otherwise (float32 opts out). No --continuous-batching: in transformers
+        # 5.17 a chat request under it never answers on a CPU.
         dtype="${HUATUO_SERVE_DTYPE:-$(PYTHONPATH="$(dirname "$0")/.." python -c \
             'from huatuo.models import bf16_supported; print("bfloat16" if bf16_supported() else "auto")')}"
         # Passing MODEL pins the server to it: it is loaded before /health answers, as with sglang.
-        cmd=(transformers serve "$model" --host "$host" --port "$port" --dtype "$dtype" --continuous-batching) ;;
+        cmd=(transformers serve "$model" --host "$host" --port "$port" --dtype "$dtype") ;;
     *) echo "error: --backend must be sglang, vllm or transformers, got '$backend'" >&2; exit 2 ;;
 esac
 cmd+=("${extra[@]}")

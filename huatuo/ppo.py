@@ -95,11 +95,36 @@ class PPOConfig(TrainingArguments):
     )
     rollout_backend: str = field(
         default="hf",
-        metadata={"help": "hf: transformers generate (any device). vllm: colocated vLLM engine (CUDA only)."},
+        metadata={
+            "help": "hf: transformers generate. vllm: a vLLM engine in each process (CPU or GPU), given the "
+            "policy's weights after every update."
+        },
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3,
-        metadata={"help": "GPU memory share of the colocated vLLM engine (--rollout_backend vllm)."},
+        metadata={
+            "help": "GPU memory share of the colocated vLLM engine (--rollout_backend vllm). On a CPU the KV "
+            "cache takes VLLM_CPU_KVCACHE_SPACE GiB of RAM instead."
+        },
+    )
+    ds3_gather_for_generation: bool = field(
+        default=True,
+        metadata={
+            "help": "ZeRO-3 with --rollout_backend hf: gather the whole policy on every process for sampling "
+            "(fast). --ds3_gather_for_generation False samples from the shards instead, gathering layer by "
+            "layer at every token: much slower, but a policy too large for one device can roll out."
+        },
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "GPUs each vLLM engine spans; must divide the number of processes."},
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False,
+        metadata={
+            "help": "Free the engine's GPU memory (weights and KV cache) between rollouts, at the cost of a "
+            "weight push before each one."
+        },
     )
 
     def __post_init__(self):
@@ -246,6 +271,16 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask.to(values.dtype)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens: 1 when the value model predicts the
+    returns exactly, 0 when it does no better than their mean, below 0 when worse; nan when the returns do
+    not vary (nothing to explain)."""
+    returns_var = masked_var(returns, mask)
+    if returns_var == 0:
+        return math.nan
+    return float(1 - masked_var(returns - values, mask) / returns_var)
 
 
 def stop_mask(responses: torch.Tensor, stop_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

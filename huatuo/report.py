@@ -2,6 +2,7 @@
 
 rows = read_jsonl("train_logs/sft_stage1/metrics.jsonl")
 plot_curve(rows, "step", "loss", "report/sft_loss.png", title="SFT loss")
+plot_diagnostics(read_jsonl("ckpts/ppo/metrics.jsonl"), "report/ppo_diagnostics.png", title="PPO")
 print(markdown_table(["stage", "wall time"], [["sft", "12.3 s"]]))
 """
 
@@ -83,6 +84,74 @@ def plot_curve(rows: list[dict], x_key: str, y_keys, path, title: str, ylabel: s
     fig.savefig(path, format="png")
     plt.close(fig)
     return sum(len(xs) for xs, _ in curves.values())
+
+
+# What to look at when an RL run does not learn, each under the key our PPO logs and the key TRL's GRPO logs.
+DIAGNOSTICS = {
+    "reward": ("objective/scores", "reward"),
+    "format rate": ("objective/format_rate", "format_rate"),
+    "correct rate": ("objective/correct_rate", "correct_rate"),
+    "KL to the reference": ("objective/kl", "kl"),
+    "entropy": ("objective/entropy", "entropy"),
+    "response length (tokens)": ("val/response_length", "completions/mean_length"),
+    "clip fraction": ("policy/clipfrac_avg", "clip_ratio/region_mean"),
+    "value loss": ("loss/value_avg",),
+    "explained variance of values": ("val/explained_variance",),
+    "groups with equal rewards": ("frac_reward_zero_std",),
+}
+
+
+def progress_key(rows: list[dict]) -> str:
+    """What a metrics file counts its rows by: "update" for our PPO, "step" for TRL's trainers."""
+    return "update" if any("update" in row for row in rows) else "step"
+
+
+def diagnostic(rows: list[dict], label: str) -> tuple[str, list[float], list[float]] | None:
+    """(key, xs, ys) of the DIAGNOSTICS entry `label` under the first of its keys the rows hold, against
+    progress_key; None when the rows hold none of them."""
+    x_key = progress_key(rows)
+    for key in DIAGNOSTICS[label]:
+        xs, ys = series(rows, x_key, key)
+        if xs:
+            return key, xs, ys
+    return None
+
+
+def plot_diagnostics(rows: list[dict], path, title: str) -> list[str]:
+    """One PNG at `path` with a panel per diagnostic found in the rows of a metrics.jsonl (our PPO's, by
+    "update", or TRL's GRPO/RLOO, by "step"): reward, format and correct rates, KL, entropy, response length,
+    clip fraction, and for PPO value loss and explained variance, for GRPO the share of groups whose rewards
+    are all equal (no advantage to learn from). Returns the panels drawn; raises ValueError when none is."""
+    x_key = progress_key(rows)
+    panels = {label: found for label in DIAGNOSTICS if (found := diagnostic(rows, label))}
+    if not panels:
+        raise ValueError(
+            f"no diagnostic key ({', '.join(k for keys in DIAGNOSTICS.values() for k in keys)}) found"
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(panels))
+    rows_of_panels = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(
+        rows_of_panels, columns, figsize=(4 * columns, 2.8 * rows_of_panels), dpi=100, squeeze=False
+    )
+    # the grid's spare cells, past the last panel, are left blank
+    for ax, (label, (key, xs, ys)) in zip(axes.flat, panels.items(), strict=False):
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+        ax.set_title(f"{label}\n{key}", fontsize=9)
+        ax.set_xlabel(x_key, fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return list(panels)
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

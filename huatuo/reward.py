@@ -11,8 +11,10 @@ with the reference answer; `wrong_reward` (0.1) when well formed but judged wron
     tokens; the response is judged correct when softmax P(label 1) > threshold (0.4);
   - "rule": a normalised match of the reference inside the final response (the paper's exact-match
     baseline), for cheap runs and tests;
-  - "llm:<base_url>": an OpenAI-compatible judge reading prompts/verify.txt, correct when its
-    lower-cased reply contains "true"; the key comes from OPENAI_API_KEY.
+  - "llm:<base_url>": an OpenAI-compatible judge reading prompts/verify.txt, asked for the verdict
+    {"agrees": bool} as a json_schema response_format (unless structured_output=False), correct when it
+    agrees or, for a plain reply, when the lower-cased reply contains "true"; the key comes from
+    OPENAI_API_KEY.
 
     reward_fn = RewardFunction("rule")
     reward_fn(["## Thinking\\n\\n...\\n\\n## Final Response\\n\\nScurvy."], ["scurvy"])   # [1.0]
@@ -31,6 +33,7 @@ import torch
 from huatuo.llm import LLMClient, LLMError, resolve_api_key
 from huatuo.models import attn_implementation
 from huatuo.prompts import load_prompt
+from huatuo.search import VERDICT_FORMAT, verdict
 
 THINKING_HEADER = "## Thinking"
 FINAL_HEADER = "## Final Response"
@@ -271,7 +274,7 @@ class ClassifierVerifier:
 
 
 class LLMVerifier:
-    """An OpenAI-compatible judge; a reply containing "true" (any case) counts as agreement."""
+    """An OpenAI-compatible judge reading the search's verifier prompt, with its verdict schema and parser."""
 
     def __init__(
         self,
@@ -281,25 +284,33 @@ class LLMVerifier:
         language: str = "en",
         prompt_dir: str | Path | None = None,
         max_tokens: int = 16,
+        structured_output: bool = True,
     ):
         self.base_url = base_url
         self.model = model
         self.concurrency = concurrency
         self.template = load_prompt("verify", language, prompt_dir)
         self.max_tokens = max_tokens
+        self.structured_output = structured_output
 
     async def _judge_all(self, responses: Sequence[str], references: Sequence[str]) -> list[bool]:
         async with LLMClient(
-            self.base_url, self.model, api_key=resolve_api_key(None), concurrency=self.concurrency
+            self.base_url,
+            self.model,
+            api_key=resolve_api_key(None),
+            concurrency=self.concurrency,
+            structured_output=self.structured_output,
         ) as llm:
 
             async def one(index: int, response: str, reference: str) -> bool:
                 prompt = self.template.format(response=response, reference=reference)
                 try:
-                    reply = await llm.chat(prompt, temperature=0.0, max_tokens=self.max_tokens)
+                    reply = await llm.chat(
+                        prompt, response_format=VERDICT_FORMAT, temperature=0.0, max_tokens=self.max_tokens
+                    )
                 except LLMError as err:
                     raise LLMError(f"verifier call for response {index} failed: {err}") from None
-                return "true" in reply.text.lower()
+                return verdict(reply.text)
 
             return await asyncio.gather(
                 *(one(i, r, ref) for i, (r, ref) in enumerate(zip(responses, references, strict=True)))
@@ -334,6 +345,7 @@ class RewardFunction:
         language: str = "en",
         prompt_dir: str | Path | None = None,
         dtype: torch.dtype | None = None,
+        structured_output: bool = True,
     ):
         self.reward_model_path = reward_model_path
         self.correct_reward = correct_reward
@@ -343,7 +355,12 @@ class RewardFunction:
             self.verifier = self._rule_batch
         elif reward_model_path.startswith(LLM_PREFIX):
             self.verifier = LLMVerifier(
-                reward_model_path[len(LLM_PREFIX) :], llm_model, llm_concurrency, language, prompt_dir
+                reward_model_path[len(LLM_PREFIX) :],
+                llm_model,
+                llm_concurrency,
+                language,
+                prompt_dir,
+                structured_output=structured_output,
             )
         else:
             self.verifier = ClassifierVerifier(

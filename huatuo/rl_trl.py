@@ -18,7 +18,8 @@ report_to, run_name, seed, ...) are copied as they are:
                          * gradient_accumulation_steps * world size)); an episode is one sampled response,
                          as in PPO, and TRL reuses each sampled batch for num_iterations optimizer steps, so
                          the three algorithms spend the same generation budget
-    rollout_backend "vllm" -> use_vllm (colocated with training)
+    rollout_backend "vllm" -> use_vllm (colocated with training, CPU or GPU; vllm_max_model_length = max_prompt_length
+                         + response_length; vllm_tensor_parallel_size, vllm_enable_sleep_mode as they are)
     loss_type (GRPO)  -> loss_type (grpo, dr_grpo, dapo, ...; TRL's default when unset)
     lora_r, lora_alpha, lora_dropout, lora_target_modules -> peft_config (a LoRA adapter; TRL then computes the
                          reference log-probabilities with the adapter switched off, so no second model is loaded)
@@ -44,15 +45,27 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from huatuo.checkpoints import drop_logged_after, find_checkpoint
 from huatuo.lora import MergedLoraSaveMixin, lora_config
-from huatuo.models import attn_implementation, ensure_chat_template
+from huatuo.models import attn_implementation, check_vllm_installed, ensure_chat_template
 from huatuo.reward import RewardFunction, reward_stats
 
 
-class MergedGRPOTrainer(MergedLoraSaveMixin, GRPOTrainer):
+class VLLMRolloutMixin:
+    """With use_vllm, TRL's engine takes the weight sync of huatuo/vllm_rollout.py, which also works on a CPU and
+    leaves a LoRA policy's base weights untouched."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.use_vllm:
+            from huatuo.vllm_rollout import use_vllm_rollout
+
+            use_vllm_rollout(self.vllm_generation)
+
+
+class MergedGRPOTrainer(VLLMRolloutMixin, MergedLoraSaveMixin, GRPOTrainer):
     """GRPOTrainer whose LoRA saves are merged and servable (huatuo/lora.py)."""
 
 
-class MergedRLOOTrainer(MergedLoraSaveMixin, RLOOTrainer):
+class MergedRLOOTrainer(VLLMRolloutMixin, MergedLoraSaveMixin, RLOOTrainer):
     """RLOOTrainer whose LoRA saves are merged and servable (huatuo/lora.py)."""
 
 
@@ -70,6 +83,8 @@ RENAMED = {
     "cliprange": "epsilon",
     "num_generations": "num_generations",
     "vllm_gpu_memory_utilization": "vllm_gpu_memory_utilization",
+    "vllm_tensor_parallel_size": "vllm_tensor_parallel_size",
+    "vllm_enable_sleep_mode": "vllm_enable_sleep_mode",
 }
 
 
@@ -171,7 +186,13 @@ def trl_config(algorithm: str, args, world_size: int | None = None, evaluate: bo
         fields["model_init_kwargs"]["dtype"] = "bfloat16"
     fields["use_vllm"] = getattr(args, "rollout_backend", "hf") == "vllm"
     if fields["use_vllm"]:
+        check_vllm_installed()
         fields["vllm_mode"] = "colocate"
+        if getattr(args, "max_prompt_length", None):
+            # the longest prompt plus the response, not the model's own limit (131,072 tokens for a Llama-3.1)
+            fields["vllm_max_model_length"] = args.max_prompt_length + fields.get(
+                "max_completion_length", config_class.max_completion_length
+            )
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
     if getattr(args, "total_episodes", None):
         # TRL samples once every num_iterations optimizer steps, so each step consumes per_step / num_iterations

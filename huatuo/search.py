@@ -1,9 +1,16 @@
-"""Pure pieces of the reasoning-path search: parsing the LLM's JSON replies, choosing refinement
-strategies, and rendering a chain of thought as a stream of search. No I/O, so each is testable alone."""
+"""Pure pieces of the reasoning-path search: parsing the LLM's JSON replies (each parser next to the
+response_format schema sent for that reply), choosing refinement strategies, and rendering a chain of
+thought as a stream of search. No I/O, so each is testable alone.
+
+The parsers accept what the schema asks for and, as fallback, what the prompts ask for in free text
+(a JSON object wrapped in prose or a fence; a bare True/False), so servers run with
+--no_structured_output, or that ignore response_format, give the same results."""
 
 import json
 import random
 import re
+
+from huatuo.llm import json_object_schema, json_schema_format
 
 # Refinement strategies and the prompt file each one uses.
 STRATEGIES = {
@@ -43,10 +50,30 @@ def extract_json_object(text):
     raise ParseError("no JSON object found in the reply")
 
 
+# A strict schema cannot leave "title" out of the steps that have none, so there it is null.
+COT_FORMAT = json_schema_format(
+    "chain_of_thought",
+    {
+        "CoT": {
+            "type": "array",
+            "items": json_object_schema(
+                {
+                    "action": {"type": "string", "enum": list(COT_TAIL)},  # each action once
+                    "title": {"type": ["string", "null"]},
+                    "content": {"type": "string"},
+                }
+            ),
+        }
+    },
+)
+NATURAL_REASONING_FORMAT = json_schema_format("natural_reasoning", {"NaturalReasoning": {"type": "string"}})
+VERDICT_FORMAT = json_schema_format("verdict", {"agrees": {"type": "boolean"}})
+
+
 def parse_cot(text):
     """The step list of a `{"CoT": [...]}` reply; raises ParseError unless every step has a string
     `action` and `content` and the last three actions are Inner Thinking, Final Conclusion,
-    Verification."""
+    Verification. A null title (see COT_FORMAT) is dropped, so the steps read as without a schema."""
     obj = extract_json_object(text)
     steps = obj.get("CoT")
     if not isinstance(steps, list) or not steps:
@@ -60,7 +87,7 @@ def parse_cot(text):
     tail = tuple(step["action"] for step in steps[-3:])
     if tail != COT_TAIL:
         raise ParseError(f"the last three actions are {list(tail)}, expected {list(COT_TAIL)}")
-    return steps
+    return [{k: v for k, v in step.items() if not (k == "title" and v is None)} for step in steps]
 
 
 def parse_natural_reasoning(text):
@@ -79,8 +106,13 @@ def parse_final_response(text):
 
 
 def verdict(text):
-    """The verifier's judgement: True when "true" appears anywhere in the lower-cased reply."""
-    return "true" in text.lower()
+    """The verifier's judgement: `agrees` of a VERDICT_FORMAT reply, else (the plain reply the prompt
+    asks for) True when "true" appears anywhere in the lower-cased reply."""
+    try:
+        agrees = extract_json_object(text).get("agrees")
+    except ParseError:
+        agrees = None
+    return agrees if isinstance(agrees, bool) else "true" in text.lower()
 
 
 def final_conclusion(long_cot):

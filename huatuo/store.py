@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from huatuo.llm import Usage, track_usage, worker_lane
+from huatuo.llm import StructuredOutputUnsupported, Usage, track_usage, worker_lane
 
 KEPT, DROPPED, GIVEN_UP = "kept", "dropped", "given_up"
 _TMP_SUFFIX = ".tmp"
@@ -108,8 +108,10 @@ async def run_all(
     """Run `worker` on every item not yet in `store`, `concurrency` items at a time.
 
     Each finished record is saved as soon as it is ready. A worker exception becomes a "given_up"
-    record holding the reason; it never stops the run. `stats` (the client's running totals) feeds
-    the progress line. Returns the status counts of this run's records.
+    record holding the reason; it never stops the run, except StructuredOutputUnsupported, which every
+    item would meet: it is raised once the other lanes are stopped, leaving their items for the rerun.
+    `stats` (the client's running totals) feeds the progress line. Returns the status counts of this
+    run's records.
     """
     done = store.done_ids()
     if retry_given_up:
@@ -129,6 +131,8 @@ async def run_all(
         with track_usage(str(key(item))) as usage:
             try:
                 record = await worker(item)
+            except StructuredOutputUnsupported:
+                raise
             except Exception as err:
                 record = {**item, "status": GIVEN_UP, "reason": f"{type(err).__name__}: {err}"}
         record.setdefault("status", KEPT)
@@ -143,8 +147,13 @@ async def run_all(
             for item in queue:
                 await one(item)
 
+    lanes = [asyncio.ensure_future(lane()) for _ in range(max(1, min(concurrency, len(pending))))]
     try:
-        await asyncio.gather(*(lane() for _ in range(max(1, min(concurrency, len(pending))))))
+        await asyncio.gather(*lanes)
     finally:
+        # Nothing to cancel after a normal end; after an error, the lanes still running stop here.
+        for task in lanes:
+            task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
         bar.close()
     return counts

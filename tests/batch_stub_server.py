@@ -8,10 +8,10 @@
 
 A batch moves validating -> in_progress -> finalizing -> completed, one step per status check, so
 tests follow it without a clock; the batches whose creation index is `hold_from` or later stay in_progress
-(while it is not None). Its requests are then
-answered by the same responder as the synchronous endpoints; a Fault becomes an error-file line with
-that HTTP status. Scripted trouble: the first `fail_uploads` uploads get HTTP 500; the batches whose
-0-based creation index is in `expire` expire with only the first half of their requests done;
+(while it is not None). Its requests are then answered as the synchronous endpoints answer them (the
+responder, after the same response_format checks); a Fault becomes an error-file line with that HTTP
+status. Scripted trouble: the first `fail_uploads` uploads get HTTP 500; the batches whose 0-based
+creation index is in `expire` expire with only the first half of their requests done;
 `lose_create_reply` closes the connection of the first creation after making the batch.
 
 Run on its own (for the benchmark, so the client's CPU is measured alone):
@@ -154,7 +154,7 @@ class BatchStubServer(StubServer):
                 result["error"] = {"code": "batch_expired", "message": "not run before the batch expired"}
                 errors.append(result)
                 continue
-            reply = self.responder(line["body"])
+            reply = self.reply_to(line["body"])
             if isinstance(reply, Fault):
                 status = reply.status if reply.kind == "status" else 500
                 body = {"error": {"message": reply.message}}

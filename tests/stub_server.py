@@ -10,9 +10,17 @@
         ...
         server.requests                       # every request: path, body, headers
 
-A responder returns the reply text, or a Fault: an HTTP error status (with Retry-After), a hang
-(the client times out), a malformed JSON body, or a connection dropped before any reply.
-Serves /v1/chat/completions, /v1/completions, /v1/models and /health.
+A responder returns the reply text (a dict or list is sent as its JSON), or a Fault: an HTTP error
+status (with Retry-After), a hang (the client times out), a malformed JSON body, or a connection
+dropped before any reply. Serves /v1/chat/completions, /v1/completions, /v1/models and /health.
+
+Structured outputs: a request's response_format is checked to be the strict json_schema form
+(`strict_format_problems`); a malformed one gets HTTP 400, as from a real server, and its problems go
+to `server.schema_errors`. `response_format=` says what the server then does with a well-formed one:
+"ignore" it (the responder's reply goes back as it is), "refuse" it (HTTP 400 "unsupported
+response_format", as from a server without structured outputs) or "honour" it (the reply must be JSON
+matching the schema; each mismatch goes to `server.schema_errors`). `server.response_formats()` lists
+what each chat request carried (None for none).
 
 Run on its own (for the benchmark, so the client's CPU is measured alone):
     python -m tests.stub_server --latency 1.0 --port 0     # prints the base URL on its first line
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +52,9 @@ class Fault:
     message: str = "scripted fault"
 
 
-Responder = Callable[[dict], "str | Fault"]
+Responder = Callable[[dict], "str | dict | list | Fault"]
+REFUSAL = "unsupported response_format type 'json_schema': this server has no structured outputs"
+JSON_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
 
 
 def echo_responder(body: dict) -> str:
@@ -54,6 +66,83 @@ def _count_tokens(text: str) -> int:
     return len(text.split())
 
 
+def _types(schema: dict) -> list:
+    kind = schema.get("type")
+    return kind if isinstance(kind, list) else [kind]
+
+
+def strict_format_problems(response_format) -> list[str]:
+    """What keeps `response_format` from being the strict json_schema form that OpenAI, vLLM and SGLang
+    all accept: a named, strict schema whose objects require every property and allow no other."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return ['response_format: type must be "json_schema"']
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        return ["response_format: json_schema must be an object"]
+    problems = []
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", str(spec.get("name", ""))):
+        problems.append("json_schema.name must be 1 to 64 letters, digits, _ or -")
+    if spec.get("strict") is not True:
+        problems.append("json_schema.strict must be true")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return [*problems, "json_schema.schema must be an object schema"]
+    return problems + _schema_problems(schema, "schema")
+
+
+def _schema_problems(schema, where: str) -> list[str]:
+    if not isinstance(schema, dict) or not _types(schema) or not set(_types(schema)) <= JSON_TYPES:
+        return [f"{where}: no valid type"]
+    problems = []
+    if "object" in _types(schema):
+        properties = schema.get("properties")
+        if not isinstance(properties, dict) or not properties:
+            return [f"{where}: an object needs properties"]
+        if sorted(schema.get("required") or []) != sorted(properties):
+            problems.append(f"{where}: required must list every property")
+        if schema.get("additionalProperties") is not False:
+            problems.append(f"{where}: additionalProperties must be false")
+        for key, sub in properties.items():
+            problems += _schema_problems(sub, f"{where}.{key}")
+    if "array" in _types(schema):
+        problems += _schema_problems(schema.get("items"), f"{where}[]")
+    if "enum" in schema and not (isinstance(schema["enum"], list) and schema["enum"]):
+        problems.append(f"{where}: enum must be a non-empty list")
+    return problems
+
+
+def _json_type(value) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    for kind, python in (("null", type(None)), ("integer", int), ("number", float), ("string", str)):
+        if isinstance(value, python):
+            return kind
+    return "array" if isinstance(value, list) else "object"
+
+
+def schema_mismatches(schema: dict, value, where: str = "$") -> list[str]:
+    """Where `value` breaks `schema` (types, enums, required and extra keys, items), as a server that
+    honours the schema never would."""
+    kind = _json_type(value)
+    if kind not in _types(schema) and not (kind == "integer" and "number" in _types(schema)):
+        return [f"{where}: {kind} where {schema.get('type')} is due"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{where}: {value!r} is not one of {schema['enum']}"]
+    problems = []
+    if kind == "object":
+        properties = schema.get("properties", {})
+        problems += [f"{where}: no {key!r}" for key in schema.get("required", []) if key not in value]
+        if schema.get("additionalProperties") is False:
+            problems += [f"{where}: unexpected {key!r}" for key in value if key not in properties]
+        for key, sub in properties.items():
+            if key in value:
+                problems += schema_mismatches(sub, value[key], f"{where}.{key}")
+    if kind == "array":
+        for i, element in enumerate(value):
+            problems += schema_mismatches(schema["items"], element, f"{where}[{i}]")
+    return problems
+
+
 class StubServer:
     """Context manager running the server on a background thread; `base_url` ends in /v1."""
 
@@ -63,8 +152,13 @@ class StubServer:
         latency: float | Callable[[dict], float] = 0.0,
         port: int = 0,
         record: bool = True,
+        response_format: str = "ignore",
     ):
+        if response_format not in ("ignore", "refuse", "honour"):
+            raise ValueError(f"response_format must be ignore, refuse or honour, got {response_format!r}")
         self.responder = responder
+        self.response_format = response_format
+        self.schema_errors: list[str] = []
         self.latency = latency
         self.port = port
         self.record = record
@@ -142,6 +236,31 @@ class StubServer:
         with self._lock:
             return [r["body"] for r in self.requests if r["path"] == path]
 
+    def response_formats(self) -> list[dict | None]:
+        return [body.get("response_format") for body in self.bodies()]
+
+    def reply_to(self, body: dict) -> str | Fault:
+        """The reply text (or Fault) for a request body: the responder's, after the response_format checks."""
+        response_format = body.get("response_format")
+        if response_format is not None:
+            problems = strict_format_problems(response_format)
+            if problems:
+                self.schema_errors += problems
+                return Fault("status", status=400, message="invalid response_format: " + "; ".join(problems))
+            if self.response_format == "refuse":
+                return Fault("status", status=400, message=REFUSAL)
+        outcome = self.responder(body)
+        if isinstance(outcome, (dict, list)):
+            outcome = json.dumps(outcome, ensure_ascii=False)
+        if response_format is not None and self.response_format == "honour" and isinstance(outcome, str):
+            try:
+                value = json.loads(outcome)
+            except ValueError:
+                self.schema_errors.append(f"a reply that is not JSON: {outcome[:80]!r}")
+            else:
+                self.schema_errors += schema_mismatches(response_format["json_schema"]["schema"], value)
+        return outcome
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, chat=True)
 
@@ -167,7 +286,7 @@ class StubServer:
                 await asyncio.sleep(latency)
         finally:
             self.in_flight -= 1
-        outcome = self.responder(body)
+        outcome = self.reply_to(body)
         if isinstance(outcome, Fault):
             return await self._fault(request, outcome)
         return web.json_response(self.completion(body, outcome, chat))

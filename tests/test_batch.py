@@ -257,6 +257,29 @@ def test_construct_in_batch_mode_matches_synchronous_mode(tmp_path):
     assert sum(sizes) == sync_calls == 11 and sizes == [5, 4, 2]
 
 
+def test_batch_lines_carry_the_response_format_and_a_refusal_stops_the_run(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([mcq(1), mcq(2), mcq(3)]))
+
+    def run(server, out):
+        argv = ["--data_path", data, "--output_dir", out, "--filter_data", "--api_url", server.base_url]
+        construct.main(construct.parse_args([str(a) for a in [*argv, "--batch_api", *FAST]]))
+
+    with BatchStubServer(ConstructScript()) as server:
+        run(server, tmp_path / "ok")
+        names = [line["body"]["response_format"]["json_schema"]["name"] for line in uploaded_lines(server)]
+        assert server.schema_errors == []
+    assert names == ["question_filter"] * 3 + ["verifiable_problem"] * 3
+    with BatchStubServer(ConstructScript(), response_format="refuse") as server:
+        with pytest.raises(SystemExit) as exit_info:
+            run(server, tmp_path / "refused")
+        batches = len(server.batches)
+    assert "rerun with --no_structured_output" in str(exit_info.value.code)
+    # The first round's refusals stop the run: no second batch, and no item given up.
+    assert batches == 1
+    assert list((tmp_path / "refused" / "data").iterdir()) == []
+
+
 def test_eval_in_batch_mode_gives_the_same_result_file(tmp_path):
     def run(server, out, *flags):
         argv = ["--model_name", "stub-model", "--eval_file", str(SAMPLE), "--base_url", server.base_url]

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from construct_verifiable_medical_problems import (
+    FILTER_CATEGORIES,
     Decontaminator,
     chosen_letter,
+    filter_category,
     keep_closed,
     main,
     parse_args,
@@ -339,6 +341,98 @@ def test_closed_form_share_skips_the_rewrite(tmp_path):
     assert picked == [pid for pid in range(1, 2001) if keep_closed(pid, 0.25, seed=42)]
     assert 400 < len(picked) < 600
     assert picked != [pid for pid in range(1, 2001) if keep_closed(pid, 0.25, seed=7)]
+
+
+def structured(script):
+    """The script's answers as a server honouring response_format writes them: the filter's category
+    inside {"category": ...} (the rewrite is JSON already)."""
+
+    def respond(body):
+        reply = script(body)
+        fmt = body.get("response_format")
+        return {"category": reply} if fmt and fmt["json_schema"]["name"] == "question_filter" else reply
+
+    return respond
+
+
+def run_steps(tmp_path, name, responder, *flags, response_format="ignore"):
+    """Run the filter, rewrite and one difficulty model on two kept items, a filtered and an easy one; return
+    the records without their usage (token counts follow the reply's form) and each request's format."""
+    data = write(tmp_path / "data.json", [mcq(1), mcq(2, "[simple]"), mcq(3), mcq(4, "[easy]")])
+    with StubServer(responder, response_format=response_format) as server:
+        run_main("--data_path", data, "--output_dir", tmp_path / name, "--api_url", server.base_url,
+                 "--filter_data", "--difficulty_models", f"small-a@{server.base_url}", *flags)  # fmt: skip
+        assert server.schema_errors == []
+        bodies = server.bodies()
+    records, _ = final_records(tmp_path / name)
+    for record in records:
+        del record["usage"]
+    steps = {}
+    for body in bodies:
+        prompt = body["messages"][-1]["content"]
+        step = "difficulty" if body["model"] == "small-a" else "rewrite" if QUESTION in prompt else "filter"
+        steps.setdefault(step, []).append(body.get("response_format"))
+    return records, steps
+
+
+def test_filter_and_rewrite_send_their_schemas_and_json_replies_give_the_same_records(tmp_path):
+    plain, sent = run_steps(tmp_path, "plain", Script())
+    honoured, sent_honoured = run_steps(tmp_path, "json", structured(Script()), response_format="honour")
+    assert honoured == plain
+    assert [r["status"] for r in plain] == ["kept", "dropped", "kept", "dropped"]
+    assert plain[1]["filter_reply"] == "Too Simple" and plain[1]["reason"] == "filter: Too Simple"
+    assert sent == sent_honoured
+    assert sent["difficulty"] == [None] * 4  # free text: "The answer is X."
+    assert len(sent["filter"]) == 3 and len(sent["rewrite"]) == 2
+    for step, name, properties in [
+        ("filter", "question_filter", ["category"]),
+        ("rewrite", "verifiable_problem", [QUESTION, ANSWER]),
+    ]:
+        for fmt in sent[step]:
+            assert fmt["json_schema"]["name"] == name and fmt["json_schema"]["strict"] is True
+            assert fmt["json_schema"]["schema"]["required"] == properties
+    assert sent["filter"][0]["json_schema"]["schema"]["properties"]["category"]["enum"] == list(
+        FILTER_CATEGORIES
+    )
+
+
+def test_no_structured_output_sends_no_schema_and_gives_the_same_records(tmp_path):
+    plain, _ = run_steps(tmp_path, "plain", Script())
+    off, sent = run_steps(tmp_path, "off", Script(), "--no_structured_output", response_format="refuse")
+    assert off == plain
+    assert all(fmt is None for formats in sent.values() for fmt in formats)
+
+
+def test_help_explains_the_structured_output_flag():
+    result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, check=True)
+    assert "--no_structured_output" in result.stdout and "response_format" in result.stdout
+
+
+def test_a_server_refusing_response_format_stops_the_run_naming_the_flag(tmp_path):
+    data = write(tmp_path / "data.json", [mcq(n) for n in range(1, 41)])
+    with StubServer(Script(), response_format="refuse") as server:
+        with pytest.raises(SystemExit) as exit_info:
+            run_main("--data_path", data, "--output_dir", tmp_path / "out", "--api_url", server.base_url,
+                     "--filter_data", "--num_process", 4)  # fmt: skip
+        sent = len(server.requests)
+    message = str(exit_info.value.code)
+    assert "unsupported response_format" in message and "rerun with --no_structured_output" in message
+    # At most one request per worker: the run stops instead of giving up 40 items one by one.
+    assert 1 <= sent <= 4
+    assert list((tmp_path / "out" / "data").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "reply, category",
+    [
+        ('{"category": "Not Reformulatable"}', "Not Reformulatable"),
+        ("Pass", "Pass"),
+        ("Too Simple: a recall question.", "Too Simple: a recall question."),
+        ('{"verdict": "Pass"}', '{"verdict": "Pass"}'),
+    ],
+)
+def test_filter_category_reads_json_and_falls_back_to_the_plain_reply(reply, category):
+    assert filter_category(reply) == category
 
 
 def test_decontamination_matches_64_normalised_characters_only():

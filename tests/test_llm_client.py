@@ -1,4 +1,5 @@
-"""The shared LLM client against a real loopback server: protocol, retries, limits, secrets."""
+"""The shared LLM client against a real loopback server: protocol, retries, limits, secrets, structured
+outputs."""
 
 import asyncio
 import json
@@ -10,7 +11,10 @@ import pytest
 from huatuo.llm import (
     LLMClient,
     LLMError,
+    StructuredOutputUnsupported,
     health,
+    json_object_schema,
+    json_schema_format,
     normalize_api_url,
     resolve_api_key,
     track_usage,
@@ -18,7 +22,7 @@ from huatuo.llm import (
 )
 from huatuo.prompts import PromptError, load_prompt
 from huatuo.store import GIVEN_UP, ItemStore, run_all, save_args, write_json_atomic
-from tests.stub_server import Fault, StubServer
+from tests.stub_server import Fault, StubServer, strict_format_problems
 
 KEY = "sk-test-4f1d2c9e-never-written"
 FAST = dict(backoff_base=0.01, backoff_max=0.05)
@@ -198,6 +202,94 @@ def test_client_errors_fail_fast_and_hide_the_key(status):
     assert len(server.requests) == 1
     assert f"HTTP {status}" in str(err) and KEY not in str(err)
     assert KEY not in repr(llm)
+
+
+ANSWER_FORMAT = json_schema_format(
+    "answer",
+    {
+        "answer": {"type": "string"},
+        "steps": {"type": "array", "items": json_object_schema({"n": {"type": "integer"}})},
+    },
+)
+
+
+def test_json_schema_format_is_the_strict_form():
+    assert ANSWER_FORMAT == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "answer",
+            "strict": True,
+            "schema": {
+                "type": "object",
+                "properties": ANSWER_FORMAT["json_schema"]["schema"]["properties"],
+                "required": ["answer", "steps"],
+                "additionalProperties": False,
+            },
+        },
+    }
+    assert strict_format_problems(ANSWER_FORMAT) == []
+    loose = json.loads(json.dumps(ANSWER_FORMAT))
+    del loose["json_schema"]["schema"]["properties"]["steps"]["items"]["additionalProperties"]
+    loose["json_schema"]["strict"] = False
+    assert strict_format_problems(loose) == [
+        "json_schema.strict must be true",
+        "schema.steps[]: additionalProperties must be false",
+    ]
+
+
+def test_response_format_is_sent_unless_turned_off():
+    with StubServer(lambda body: {"answer": "scurvy", "steps": []}, response_format="honour") as server:
+
+        async def go():
+            async with (
+                LLMClient(server.base_url, "m") as on,
+                LLMClient(server.base_url, "m", structured_output=False) as off,
+            ):
+                await on.chat("with", response_format=ANSWER_FORMAT)
+                await on.chat("without")
+                await off.chat("turned off", response_format=ANSWER_FORMAT)
+
+        run(go())
+        assert server.response_formats() == [ANSWER_FORMAT, None, None]
+        assert server.schema_errors == []
+
+
+def test_a_refused_response_format_fails_at_once_naming_the_flag():
+    with StubServer(response_format="refuse") as server:
+
+        async def go():
+            async with LLMClient(server.base_url, "m", api_key=KEY, max_retries=3, **FAST) as llm:
+                plain = await llm.chat("no schema")
+                with pytest.raises(StructuredOutputUnsupported) as err:
+                    await llm.chat("schema", response_format=ANSWER_FORMAT)
+                return plain, err.value, llm.stats
+
+        plain, err, stats = run(go())
+    assert plain.text == "ok"
+    assert "unsupported response_format" in str(err) and "--no_structured_output" in str(err)
+    assert KEY not in str(err)
+    assert len(server.requests) == 2 and (stats.retries, stats.failures) == (0, 1)
+
+
+def test_run_all_stops_on_a_refused_response_format_and_gives_up_nothing(tmp_path):
+    store = ItemStore(tmp_path / "items")
+    with StubServer(response_format="refuse", latency=0.01) as server:
+
+        async def go():
+            async with LLMClient(server.base_url, "m") as llm:
+
+                async def worker(item):
+                    await llm.chat(item["q"], response_format=ANSWER_FORMAT)
+                    return item
+
+                items = [{"id": i, "q": f"q{i}"} for i in range(20)]
+                await run_all(items, worker, store, key=lambda it: it["id"], concurrency=4)
+
+        with pytest.raises(StructuredOutputUnsupported, match="--no_structured_output"):
+            run(go())
+    # Each of the 4 lanes stops at its first refusal; no item is recorded, all are left for the rerun.
+    assert 1 <= len(server.requests) <= 4
+    assert store.done_ids() == set()
 
 
 def test_concurrency_is_bounded_by_the_client():

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,7 +30,7 @@ import RL_stage2
 from huatuo.checkpoints import find_checkpoint
 from huatuo.items import InputError
 from huatuo.lora import lora_config
-from huatuo.models import ensure_pad_token
+from huatuo.models import check_vllm_installed, ensure_pad_token
 from huatuo.ppo import (
     PPOConfig,
     clipped_policy_loss,
@@ -41,7 +42,7 @@ from huatuo.ppo import (
     plan_batches,
     stop_mask,
 )
-from huatuo.ppo_trainer import PPOTrainer, make_vllm_rollout, response_logits
+from huatuo.ppo_trainer import PPOTrainer, response_logits
 from huatuo.reward import RewardFunction, rule_judge
 from tests.conftest import ZERO3_CPU_CONFIG
 
@@ -245,10 +246,10 @@ def test_config_rejects_bad_values(tmp_path):
         RL_stage2.parse_args(["--algorithm", "dpo"])
 
 
-def test_vllm_backend_without_vllm_or_cuda_says_so():
-    config = PPOConfig(output_dir="unused", rollout_backend="vllm", report_to="none")
-    with pytest.raises((ImportError, RuntimeError), match="--rollout_backend"):
-        make_vllm_rollout(None, None, None, config)
+def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.setattr("huatuo.models.importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ImportError, match="make install.*--rollout_backend hf"):
+        check_vllm_installed()
 
 
 def test_pad_token_differs_from_eos_when_the_vocabulary_allows(tiny_models):
@@ -781,3 +782,23 @@ def test_lora_runs_through_the_stage_script_and_saves_servable_models(tiny_model
     assert saved["loss_type"] == "dr_grpo" and saved["lora_r"] == 4
     with pytest.raises(SystemExit):
         RL_stage2.parse_args([*common, "--output_dir", str(ppo), "--loss_type", "dr_grpo"])  # PPO has none
+
+
+def test_evaluation_takes_the_policy_for_generation_once(tmp_path):
+    """Under ZeRO-3 taking the policy for generation gathers all its weights: once for the held-out split, not once
+    per chunk of --local_rollout_forward_batch_size prompts."""
+    tokenizer, policy, ref_policy, value, data = toy_models()
+    config = toy_config(tmp_path, 1, local_rollout_forward_batch_size=2)
+    trainer = PPOTrainer(config, tokenizer, policy, ref_policy, value, RuleOnAnswer(), data, data * 3)
+    taken = []
+    original = trainer._policy_for_generation
+
+    @contextmanager
+    def counted():
+        taken.append(1)
+        with original() as model:
+            yield model
+
+    trainer._policy_for_generation = counted
+    metrics = trainer.evaluate()
+    assert metrics["eval/count"] == 6 and len(taken) == 1

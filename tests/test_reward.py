@@ -231,6 +231,26 @@ def test_llm_judge_against_stub_server(monkeypatch):
     assert all(h.get("Authorization") == "Bearer sk-test-key" for h in headers)
 
 
+@pytest.mark.parametrize("structured_output", [True, False])
+def test_llm_judge_asks_for_the_verdict_schema_unless_turned_off(monkeypatch, structured_output):
+    def responder(body):
+        agrees = "Vitamin C" in body["messages"][-1]["content"]
+        return {"agrees": agrees} if "response_format" in body else str(agrees)
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    mode = "honour" if structured_output else "refuse"
+    with StubServer(responder, response_format=mode) as server:
+        rf = RewardFunction(f"llm:{server.base_url}", structured_output=structured_output)
+        rewards = rf([GOOD, WRONG], ["scurvy", "scurvy"])
+        formats = server.response_formats()
+        assert server.schema_errors == []
+    assert rewards == [1.0, 0.1]
+    if structured_output:
+        assert [f["json_schema"]["name"] for f in formats] == ["verdict", "verdict"]
+    else:
+        assert formats == [None, None]
+
+
 def test_llm_judge_failure_names_the_response(monkeypatch):
     from huatuo.llm import LLMError
     from tests.stub_server import Fault

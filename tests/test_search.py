@@ -24,6 +24,7 @@ from huatuo.search import (
     parse_natural_reasoning,
     pick_strategy,
     render_stream,
+    verdict,
 )
 from search_for_complex_reasoning_path import main, parse_args
 from tests.stub_server import Fault, StubServer
@@ -157,6 +158,64 @@ def test_parse_cot_checks_the_closing_actions():
         parse_natural_reasoning('{"NaturalReasoning": ""}')
 
 
+def test_schema_replies_parse_as_the_free_text_ones():
+    steps = [
+        {"action": "Inner Thinking", "title": "t", "content": "a"},
+        {"action": "Final Conclusion", "title": None, "content": "b"},
+        {"action": "Verification", "title": None, "content": "c"},
+    ]
+    assert (
+        parse_cot(json.dumps({"CoT": steps}))
+        == json.loads(cot(("Inner Thinking", "t", "a"), ("Final Conclusion", "b"), ("Verification", "c")))[
+            "CoT"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        ('{"agrees": true}', True),
+        ('{"agrees": false}', False),
+        ('```json\n{"agrees": false}\n```', False),
+        ("True", True),
+        ("False.", False),
+        ("The answer is true to the reference.", True),
+        ('{"agrees": "maybe"}', False),
+    ],
+)
+def test_verdict_reads_the_schema_then_the_plain_reply(reply, expected):
+    assert verdict(reply) is expected
+
+
+def test_vllms_grammar_backend_compiles_each_schema_and_accepts_what_the_parsers_read():
+    xgr = pytest.importorskip("xgrammar")  # vLLM's default structured-output backend (requirements-gpu.txt)
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from construct_verifiable_medical_problems import FILTER_FORMAT, REFORMAT_FORMAT
+    from huatuo.search import COT_FORMAT, NATURAL_REASONING_FORMAT, VERDICT_FORMAT
+
+    steps = [
+        {"action": "Inner Thinking", "title": "t", "content": "a"},
+        {"action": "Final Conclusion", "title": None, "content": "b"},
+        {"action": "Verification", "title": None, "content": "c"},
+    ]
+    cases = [
+        (COT_FORMAT, {"CoT": steps}, True),
+        (COT_FORMAT, {"CoT": [{"action": "Inner Thinking", "content": "a"}]}, False),
+        (NATURAL_REASONING_FORMAT, {"NaturalReasoning": "Hmm.\n\nOkay."}, True),
+        (VERDICT_FORMAT, {"agrees": False}, True),
+        (VERDICT_FORMAT, {"agrees": "False"}, False),
+        (FILTER_FORMAT, {"category": "Too Simple"}, True),
+        (FILTER_FORMAT, {"category": "Simple"}, False),
+        (REFORMAT_FORMAT, {QUESTION: "Cause?", ANSWER: "Parvovirus B19"}, True),
+        (REFORMAT_FORMAT, {QUESTION: "Cause?"}, False),
+    ]
+    for fmt, value, valid in cases:
+        grammar = xgr.Grammar.from_json_schema(json.dumps(fmt["json_schema"]["schema"]), strict_mode=True)
+        assert accepts(grammar, json.dumps(value)) is valid, (fmt["json_schema"]["name"], value)
+
+
 def test_backtracking_is_never_the_first_strategy():
     rng = random.Random(0)
     first = Counter(pick_strategy(rng, 0) for _ in range(2000))
@@ -201,11 +260,107 @@ def test_help_explains_the_flags():
         "--max_parse_retries",
         "--language",
         "--prompt_dir",
+        "--no_structured_output",
     ):
         assert flag in result.stdout
 
 
 # ---------------------------------------------------------------- the search trail over HTTP
+
+
+def structured(script):
+    """The script's answers as a server honouring response_format writes them: a verdict as
+    {"agrees": bool}, and every CoT step with a title (null where there is none), keys in schema order."""
+
+    def respond(body):
+        reply = script(body)
+        name = (body.get("response_format") or {}).get("json_schema", {}).get("name")
+        if name == "verdict":
+            return {"agrees": reply == "True"}
+        if name == "chain_of_thought":
+            steps = json.loads(reply)["CoT"]
+            return {
+                "CoT": [
+                    {"action": s["action"], "title": s.get("title"), "content": s["content"]} for s in steps
+                ]
+            }
+        return reply
+
+    return respond
+
+
+def search_steps(tmp_path, name, responder, *flags, response_format="ignore"):
+    """Search two problems, the first through every step (fails, refinements, Label_CoT); return the
+    records without usage and raw replies, and the response_format each step was sent with."""
+    data = write_problems(tmp_path / "problems.json", 2)
+    with StubServer(responder, response_format=response_format) as server:
+        out = run_search(server, tmp_path / name, "--max_search_depth", "2", *flags, data=data)
+        assert server.schema_errors == []
+        bodies = server.bodies()
+    records = kept_records(out)
+    step_of = {entry["query"]: entry["step"] for r in records for entry in r["llm_log"]}
+    sent = defaultdict(list)
+    for body in bodies:
+        step = step_of[body["messages"][-1]["content"]]
+        sent[re.sub(r"Re_CoT_.*", "Re_CoT", step)].append(body.get("response_format"))
+    for record in records:
+        del record["usage"]
+        record["llm_log"] = [(e["step"], e["query"]) for e in record["llm_log"]]
+    return records, sent
+
+
+def test_each_json_step_sends_its_schema_and_json_replies_give_the_same_records(tmp_path):
+    outcomes = {1: [False, False, False]}
+    plain, sent = search_steps(tmp_path, "plain", Script(outcomes=outcomes))
+    honoured, sent_honoured = search_steps(
+        tmp_path, "json", structured(Script(outcomes=outcomes)), response_format="honour"
+    )
+    assert honoured == plain
+    assert plain[0]["response_type"][-1] == "Label_CoT" and plain[0]["verify"] == [False, False, False, True]
+    assert "title" not in plain[0]["Long_CoT"][-1]
+    assert sent == sent_honoured
+    counts = {step: len(formats) for step, formats in sent.items()}
+    assert counts == {
+        "Init_CoT": 2, "verify": 4, "Re_CoT": 2, "Label_CoT": 1, "reformat_natural": 2, "final_response": 2
+    }  # fmt: skip
+    expected = {
+        "Init_CoT": ("chain_of_thought", ["CoT"]),
+        "Re_CoT": ("chain_of_thought", ["CoT"]),
+        "Label_CoT": ("chain_of_thought", ["CoT"]),
+        "verify": ("verdict", ["agrees"]),
+        "reformat_natural": ("natural_reasoning", ["NaturalReasoning"]),
+    }
+    for step, (name, required) in expected.items():
+        for fmt in sent[step]:
+            assert fmt["json_schema"]["name"] == name and fmt["json_schema"]["strict"] is True
+            assert fmt["json_schema"]["schema"]["required"] == required
+    step_schema = sent["Init_CoT"][0]["json_schema"]["schema"]["properties"]["CoT"]["items"]
+    assert step_schema["required"] == ["action", "title", "content"]
+    assert sent["final_response"] == [None, None]  # the answer is free text
+
+
+def test_no_structured_output_sends_no_schema_and_gives_the_same_records(tmp_path):
+    plain, _ = search_steps(tmp_path, "plain", Script(outcomes={1: [False, True]}))
+    off, sent = search_steps(
+        tmp_path,
+        "off",
+        Script(outcomes={1: [False, True]}),
+        "--no_structured_output",
+        response_format="refuse",
+    )
+    assert off == plain
+    assert all(fmt is None for formats in sent.values() for fmt in formats)
+
+
+def test_a_server_refusing_response_format_stops_the_run_naming_the_flag(tmp_path):
+    with StubServer(Script(), response_format="refuse") as server:
+        with pytest.raises(SystemExit) as exit_info:
+            run_search(server, tmp_path, "--num_process", "4", n=40)
+        sent = len(server.requests)
+    message = str(exit_info.value.code)
+    assert "unsupported response_format" in message and "rerun with --no_structured_output" in message
+    assert 1 <= sent <= 4
+    assert list((tmp_path / "out" / NAME).iterdir()) == []
 
 
 def test_fail_fail_pass_refines_twice_and_keeps_the_trail(tmp_path):

@@ -1,0 +1,466 @@
+"""Does RL visibly learn on the real model? PPO (ours) and GRPO (TRL) from one SFT checkpoint, against SFT on
+held-out questions that no stage trains on, with confidence intervals.
+
+    python bench/bench_rl_real.py --eval_dir PATH/TO/eval --sft_model demo_out/sft/ckpts/demo/checkpoint-5-48/tfmr
+    python bench/bench_rl_real.py --eval_dir PATH/TO/eval                  # makes the SFT model first (+6 min)
+    python bench/bench_rl_real.py --eval_dir PATH/TO/eval --quick --model tiny   # end to end in a few minutes
+
+--eval_dir holds the benchmark files bench_eval_real.py reads (medqa.json, medmcqa.json, pubmedqa.json,
+mmlu_pro_medical.json: JSON lists of MCQs); the data is not part of this repository. The steps:
+
+  data   training problems in closed form (huatuo.problems: question with options, the correct option's
+         text as the answer) from data/demo_data.json and a MedMCQA split (--medmcqa, default
+         EVAL_DIR/medmcqa.json); held-out questions, --per_source from each of MedQA, PubMedQA, MMLU-Pro and the
+         rest of MedMCQA, disjoint from every training question by text and by the 64-character rule
+  sft    --sft_model, or SFT_stage1.py on data/demo_data.json from --model as the demo trains it
+  arms   RL_stage2.py --algorithm ppo and --algorithm grpo from the SFT model, with the rule verifier
+  eval   each model served by evaluation/launch_sglang_server.sh and asked through evaluation/eval.py
+         (bench_eval_real.py's evaluate), its replies scored with the RL reward and by last-match accuracy
+
+It prints and writes to --out_dir/report.md: per model the held-out format rate, mean reward and accuracy;
+per arm the paired difference in mean reward against SFT with its 95% bootstrap interval over questions, the
+training reward's fitted slope per update with its 95% interval, and the training KL and response length. The
+targets, marked met or missed: some arm raises the held-out mean reward over SFT with the interval's lower end
+above 0 while its format rate stays >= SFT's - 0.02; some arm's training reward slope has its interval above 0.
+Plots: reward_curves.png (the training reward of both arms with their fitted lines) and <arm>_diagnostics.png.
+
+Budget on this 2-core CPU with the defaults (an estimate from the demo's measured rates, not a measured run):
+SFT model given; PPO 6 updates of 8 episodes at 512 tokens about 12 minutes, GRPO the same episodes about 8,
+three models served on 200 questions at 512 tokens about 30 minutes (0.34 questions/s measured by
+bench_eval_real.py); about 55 minutes in all, 6 more when the SFT model is made here.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_eval_real import SOURCES, evaluate  # noqa: E402
+from huatuo.checkpoints import checkpoint_dirs  # noqa: E402
+from huatuo.items import MCQ, load_items  # noqa: E402
+from huatuo.problems import closed_form_problems, heldout_set, split_by_question  # noqa: E402
+from huatuo.report import diagnostic, markdown_table, overall_accuracy, plot_diagnostics, read_jsonl  # noqa: E402
+from huatuo.reward import RewardFunction  # noqa: E402
+from huatuo.runner import join_command, run_logged  # noqa: E402
+from huatuo.stats import paired_difference, slope  # noqa: E402
+from huatuo.store import write_json_atomic  # noqa: E402
+
+PYTHON = sys.executable
+DEMO_DATA = ROOT / "data" / "demo_data.json"
+ARMS = ("ppo", "grpo")
+FORMAT_SLACK = 0.02
+# Sizes the full bench and --quick use where a flag is left unset.
+SIZES = {
+    "full": {
+        "per_source": 50,
+        "train_medmcqa": 500,
+        "updates": 6,
+        "episodes_per_update": 8,
+        "group_size": 4,
+        "response_length": 512,
+        "max_new_tokens": 512,
+        "sft_epochs": 6,
+    },
+    "quick": {
+        "per_source": 3,
+        "train_medmcqa": 32,
+        "updates": 2,
+        "episodes_per_update": 4,
+        "group_size": 2,
+        "response_length": 32,
+        "max_new_tokens": 32,
+        "sft_epochs": 1,
+    },
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--eval_dir", required=True, help="Folder with the benchmark JSON files.")
+    data.add_argument(
+        "--medmcqa", default=None, help="MedMCQA MCQs to split (default: EVAL_DIR/medmcqa.json)."
+    )
+    data.add_argument(
+        "--per_source", type=int, default=None, help="Held-out questions per source (full: 50)."
+    )
+    data.add_argument(
+        "--train_medmcqa", type=int, default=None, help="MedMCQA training problems used (full: 500)."
+    )
+    data.add_argument(
+        "--seed", type=int, default=0, help="Seed of the splits, the training runs and the bootstrap."
+    )
+
+    models = parser.add_argument_group("models")
+    models.add_argument("--sft_model", default=None, help="SFT checkpoint to start from (default: make one).")
+    models.add_argument(
+        "--model",
+        default="real",
+        help="Base model when the SFT model is made here: real (SmolLM2-135M-Instruct), tiny, or a folder.",
+    )
+    models.add_argument("--sft_epochs", type=int, default=None, help="SFT epochs when made here (full: 6).")
+
+    rl = parser.add_argument_group("RL arms (RL_stage2.py)")
+    rl.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="Algorithms to train.")
+    rl.add_argument("--learning_rate", type=float, default=2e-6, help="Learning rate of both arms.")
+    rl.add_argument("--updates", type=int, default=None, help="Updates (GRPO: steps) per arm (full: 6).")
+    rl.add_argument("--episodes_per_update", type=int, default=None, help="Responses per update (full: 8).")
+    rl.add_argument("--group_size", type=int, default=None, help="GRPO responses per prompt (full: 4).")
+    rl.add_argument("--kl_coef", type=float, default=0.03, help="KL penalty (PPO) / beta (GRPO).")
+    rl.add_argument(
+        "--ppo_epochs", type=int, default=2, help="PPO passes over each rollout batch (GRPO makes one)."
+    )
+    rl.add_argument("--temperature", type=float, default=0.7, help="Rollout sampling temperature.")
+    rl.add_argument("--response_length", type=int, default=None, help="Tokens per rollout (full: 512).")
+    rl.add_argument("--rollout_backend", choices=("hf", "vllm"), default="hf", help="vllm needs a GPU.")
+
+    run = parser.add_argument_group("evaluation and output")
+    run.add_argument(
+        "--max_new_tokens", type=int, default=None, help="Tokens per held-out reply (full: 512)."
+    )
+    run.add_argument(
+        "--concurrency", type=int, default=8, help="Eval requests in flight (see bench_eval_real)."
+    )
+    run.add_argument(
+        "--server_memory_percent",
+        type=float,
+        default=0.05,
+        help="Share of memory (0-1) the CPU server may take for its KV cache (its --cb-max-memory-percent). "
+        "Unset, the server takes most of the memory: a tiny model's grew to 20 GB here and was killed for "
+        "memory; at 0.05 it peaked at 1.7 GB with 8 PubMedQA questions in flight.",
+    )
+    run.add_argument("--out_dir", default="bench_out/rl_real", help="Where runs, replies and the report go.")
+    run.add_argument(
+        "--quick", action="store_true", help="A handful of questions, 2 updates, short responses."
+    )
+    run.add_argument("--quiet", action="store_true", help="Stage output only to the log files.")
+    args = parser.parse_args(argv)
+    for name, value in SIZES["quick" if args.quick else "full"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.episodes_per_update % 2 or args.episodes_per_update % args.group_size:
+        parser.error("--episodes_per_update must be even and a multiple of --group_size")
+    return args
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.out_dir = Path(args.out_dir).resolve()
+        self.env = dict(
+            os.environ,
+            PYTHONUNBUFFERED="1",
+            HF_HUB_OFFLINE="1",
+            WANDB_MODE="offline",
+            TOKENIZERS_PARALLELISM="false",
+        )
+
+    def run(self, cmd: list[str], stage: str) -> None:
+        shown = join_command(cmd)
+        print(f"$ {shown}", flush=True)
+        run_logged(cmd, shown, self.out_dir / stage / "log.txt", ROOT, self.env, self.args.quiet)
+
+
+def flags(**values) -> list[str]:
+    """--name value pairs in the order given."""
+    return [part for name, value in values.items() for part in (f"--{name}", str(value))]
+
+
+# --------------------------------------------------------------------------------------------------- data
+def build_data(args, out_dir: Path) -> tuple[Path, Path, dict]:
+    eval_dir = Path(args.eval_dir)
+    medmcqa_path = Path(args.medmcqa) if args.medmcqa else eval_dir / "medmcqa.json"
+    # twice the held-out size is set aside, since some MedMCQA questions are near copies of training ones
+    medmcqa_train, medmcqa_rest = split_by_question(
+        load_items(medmcqa_path, MCQ), 2 * args.per_source, args.seed
+    )
+    demo = load_items(DEMO_DATA, MCQ)
+    training = closed_form_problems(demo, "demo_data") + closed_form_problems(
+        medmcqa_train[: args.train_medmcqa], "MedMCQA"
+    )
+    sources = {
+        name: load_items(eval_dir / file, MCQ)
+        for file, name in SOURCES.items()
+        if file != "medmcqa.json" and (eval_dir / file).is_file()
+    }
+    sources["MedMCQA_validation"] = medmcqa_rest
+    # the whole MedMCQA training split counts as training, not only the problems this run samples
+    heldout, left_out = heldout_set(sources, args.per_source, demo + medmcqa_train, args.seed)
+    train_path, heldout_path = out_dir / "train_problems.json", out_dir / "heldout.json"
+    write_json_atomic(train_path, training)
+    write_json_atomic(heldout_path, heldout)
+    summary = {
+        "training problems": len(training),
+        "held-out questions": sum(len(items) for items in heldout.values()),
+        "left out for overlap": left_out,
+    }
+    return train_path, heldout_path, summary
+
+
+# --------------------------------------------------------------------------------------------------- models
+def make_sft_model(bench: Bench) -> Path:
+    args, out = bench.args, bench.out_dir / "sft"
+    tiny = args.model == "tiny"
+    if tiny:
+        bench.run([PYTHON, "-m", "huatuo.tiny", *flags(out_dir=out / "models")], "sft")
+        base = out / "models" / "policy"
+    elif args.model == "real":
+        bench.run([PYTHON, "-m", "huatuo.pretrained"], "sft")
+        base = Path(os.environ.get("HUATUO_SMOLLM2_DIR") or ROOT / ".cache" / "SmolLM2-135M-Instruct")
+    else:
+        base = Path(args.model)
+    # the demo's SFT settings (a random tiny model needs a far larger step)
+    sft = flags(
+        model_path=base,
+        data_path=DEMO_DATA,
+        output_dir=out / "ckpts",
+        log_dir=out / "logs",
+        experiment_name="bench",
+        n_epochs=args.sft_epochs,
+        train_bsz_per_gpu=2 if tiny else 4,
+        gradient_accumulation_steps=1,
+        learning_rate=3e-3 if tiny else 2e-4,
+        warmup_rates=0.1,
+        max_seq_len=1024,
+        max_ckpts=1,
+        report_to="none",
+    )
+    bench.run([PYTHON, "SFT_stage1.py", *sft, "--packing"], "sft")
+    newest = max(checkpoint_dirs(out / "ckpts" / "bench"), key=lambda p: int(p.name.split("-")[-1]))
+    return newest / "tfmr"
+
+
+def train_arm(bench: Bench, algorithm: str, sft_model: Path, train_path: Path) -> Path:
+    args = bench.args
+    out = bench.out_dir / algorithm
+    half = args.episodes_per_update // 2
+    common = flags(
+        algorithm=algorithm,
+        model_name_or_path=sft_model,
+        reward_model_path="rule",
+        dataset_name=train_path,
+        output_dir=out,
+        response_length=args.response_length,
+        temperature=args.temperature,
+        total_episodes=args.updates * args.episodes_per_update,
+        per_device_train_batch_size=half,
+        gradient_accumulation_steps=2,
+        learning_rate=args.learning_rate,
+        kl_coef=args.kl_coef,
+        rollout_backend=args.rollout_backend,
+        seed=args.seed,
+        save_strategy="no",
+        eval_strategy="no",
+        eval_fraction=0,
+        report_to="none",
+    )
+    if algorithm == "ppo":
+        # the value model starts from the SFT checkpoint: it must read the policy's tokens
+        extra = flags(
+            value_model_path=sft_model,
+            num_ppo_epochs=args.ppo_epochs,
+            local_rollout_forward_batch_size=args.episodes_per_update,
+        )
+    else:
+        # one optimizer step per sampled batch (TRL's default num_iterations), so a step is an update
+        extra = flags(num_generations=args.group_size, num_ppo_epochs=1, logging_steps=1)
+    bench.run([PYTHON, "RL_stage2.py", *common, *extra], algorithm)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- scoring
+def score_replies(replies: list[dict]) -> tuple[dict[tuple[str, str], float], float]:
+    """The RL reward (rule verifier) of each held-out reply keyed by (source, question), and the share of
+    replies in the trained layout (the reward's format check)."""
+    reward = RewardFunction("rule")
+    judgements = reward.judge([r.get("output") or "" for r in replies], [str(r["answer"]) for r in replies])
+    rewards = {
+        (r["source"], r["question"]): v for r, v in zip(replies, reward.rewards(judgements), strict=True)
+    }
+    return rewards, sum(j is not None for j in judgements) / max(len(judgements), 1)
+
+
+def training_summary(rows: list[dict]) -> dict:
+    """Reward curve with its fitted slope, and the mean KL and response length, from a metrics.jsonl."""
+    reward = diagnostic(rows, "reward")
+    if reward is None:
+        raise ValueError("the run logged no training reward")
+    key, xs, ys = reward
+    summary = {
+        "reward_key": key,
+        "x": xs,
+        "reward": ys,
+        "slope": slope(xs, ys) if len(set(xs)) >= 2 else None,
+    }
+    for name, label in (("kl", "KL to the reference"), ("response_length", "response length (tokens)")):
+        found = diagnostic(rows, label)
+        summary[name] = sum(found[2]) / len(found[2]) if found else math.nan
+    return summary
+
+
+def plot_reward_curves(curves: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for arm, curve in curves.items():
+        (line,) = ax.plot(
+            curve["x"], curve["reward"], marker="o", markersize=3, label=f"{arm} ({curve['reward_key']})"
+        )
+        fit = curve["slope"]
+        if fit is not None:
+            x0 = sum(curve["x"]) / len(curve["x"])
+            y0 = sum(curve["reward"]) / len(curve["reward"])
+            ends = [min(curve["x"]), max(curve["x"])]
+            ax.plot(ends, [y0 + fit.value * (x - x0) for x in ends], linestyle="--", color=line.get_color())
+    ax.set_title("Training reward per update (PPO) / step (GRPO), with OLS fits")
+    ax.set_xlabel("update or step")
+    ax.set_ylabel("mean reward of the rollouts")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "missed"
+
+
+def main(args) -> int:
+    bench = Bench(args)
+    bench.out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    # ==========================================================================================
+    # Load: training problems and held-out questions; the SFT model
+    # ==========================================================================================
+    train_path, heldout_path, data = build_data(args, bench.out_dir)
+    print(f"data: {json.dumps(data)}")
+    sft_model = Path(args.sft_model) if args.sft_model else make_sft_model(bench)
+
+    # ==========================================================================================
+    # Run: each arm from the SFT model, then every model on the held-out questions
+    # ==========================================================================================
+    models = {"sft": sft_model}
+    for arm in args.arms:
+        models[arm] = train_arm(bench, arm, sft_model, train_path)
+    results = {}
+    for label, model in models.items():
+        server = ("--cb-max-memory-percent", str(args.server_memory_percent))
+        sources, replies, seconds = evaluate(
+            str(model), heldout_path, bench.out_dir / "eval" / label, args, server
+        )
+        rewards, well_formed = score_replies(replies)
+        results[label] = {
+            "rewards": rewards,
+            "format_rate": well_formed,
+            "mean_reward": sum(rewards.values()) / len(rewards),
+            "accuracy": overall_accuracy({"sources": sources}),
+            "seconds": seconds,
+        }
+
+    # ==========================================================================================
+    # Save: the comparison with its intervals, the training curves, the targets
+    # ==========================================================================================
+    sft = results["sft"]
+    questions = sorted(sft["rewards"])
+    rows, arms = [], {}
+    for label, r in results.items():
+        rows.append([label, f"{r['format_rate']:.2f}", f"{r['mean_reward']:.3f}", f"{r['accuracy']:.1%}"])
+        if label == "sft":
+            continue
+        metrics = read_jsonl(models[label] / "metrics.jsonl")
+        arms[label] = training_summary(metrics)
+        arms[label]["gain"] = paired_difference(
+            [sft["rewards"][q] for q in questions], [r["rewards"][q] for q in questions], seed=args.seed
+        )
+        plot_diagnostics(
+            metrics, bench.out_dir / f"{label}_diagnostics.png", title=f"{label}: training diagnostics"
+        )
+    plot_reward_curves(arms, bench.out_dir / "reward_curves.png")
+
+    arm_rows = [
+        [
+            arm,
+            a["gain"].text(),
+            a["slope"].text(4) if a["slope"] else "n/a (one point)",
+            len(a["x"]),
+            f"{a['kl']:.4f}",
+            f"{a['response_length']:.0f}",
+        ]
+        for arm, a in arms.items()
+    ]
+    gainers = [
+        arm
+        for arm, a in arms.items()
+        if a["gain"].above_zero and results[arm]["format_rate"] >= sft["format_rate"] - FORMAT_SLACK
+    ]
+    climbers = [arm for arm, a in arms.items() if a["slope"] and a["slope"].above_zero]
+    targets = [
+        f"held-out mean reward above SFT's with the 95% interval's lower end > 0, format rate >= SFT - "
+        f"{FORMAT_SLACK}: {verdict(bool(gainers))}" + (f" ({', '.join(gainers)})" if gainers else ""),
+        f"training reward slope > 0 with its 95% interval above 0: {verdict(bool(climbers))}"
+        + (f" ({', '.join(climbers)})" if climbers else ""),
+    ]
+    report = (
+        f"# RL against SFT on {len(questions)} held-out questions\n\n"
+        f"SFT model: `{sft_model}`; {data['training problems']} training problems in closed form; "
+        f"{args.updates} updates x {args.episodes_per_update} episodes per arm, {args.response_length}-token "
+        f"rollouts, learning rate {args.learning_rate}, kl {args.kl_coef}; {args.max_new_tokens}-token greedy "
+        f"held-out replies. Held-out questions left out for overlap with training: {data['left out for overlap']}.\n\n"
+        + markdown_table(["model", "format rate", "mean reward", "accuracy (last match)"], rows)
+        + "\n\n"
+        + markdown_table(
+            [
+                "arm",
+                "held-out reward - SFT (paired bootstrap)",
+                "training reward slope per update (t interval)",
+                "logged points",
+                "mean KL",
+                "mean response length",
+            ],
+            arm_rows,
+        )  # fmt: skip
+        + "\n\n"
+        + "".join(f"- {line}\n" for line in targets)
+        + f"\nWall time {time.perf_counter() - start:.0f} s. Plots: reward_curves.png, "
+        + ", ".join(f"{arm}_diagnostics.png" for arm in arms)
+        + ".\n"
+    )
+    (bench.out_dir / "report.md").write_text(report, encoding="utf-8")
+    write_json_atomic(
+        bench.out_dir / "results.json",
+        {
+            "data": data,
+            "models": {k: str(v) for k, v in models.items()},
+            "held_out": {k: {m: v for m, v in r.items() if m != "rewards"} for k, r in results.items()},
+            "arms": {
+                arm: {
+                    "gain": vars(a["gain"]),
+                    "slope": vars(a["slope"]) if a["slope"] else None,
+                    "kl": a["kl"],
+                    "response_length": a["response_length"],
+                }
+                for arm, a in arms.items()
+            },  # fmt: skip
+            "targets": targets,
+        },
+    )
+    print("\n" + report)
+    print(f"report: {bench.out_dir / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(parse_args()))

@@ -1,0 +1,91 @@
+"""The real-model RL bench's own steps, offline: its data split, reply scoring and curve summaries."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import bench_rl_real as bench
+from huatuo.items import MCQ, VERIFIABLE, check_items, load_eval_file, load_items
+from huatuo.problems import check_disjoint
+from tests.test_problems import MEDMCQA, MEDQA, MMLU_PRO, PUBMEDQA
+
+WELL_FORMED = "## Thinking\n\nIt is {}.\n\n## Final Response\n\n{}"
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_rl_real.py"
+
+
+def test_help_runs_as_a_script():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True)
+    assert "--sft_model" in out.stdout and "--rollout_backend" in out.stdout
+
+
+def test_quick_and_full_sizes_and_the_group_check():
+    quick = bench.parse_args(["--eval_dir", "x", "--quick"])
+    full = bench.parse_args(["--eval_dir", "x", "--updates", "9"])
+    assert (quick.per_source, quick.updates, quick.response_length) == (3, 2, 32)
+    assert (full.per_source, full.updates, full.response_length) == (50, 9, 512)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--eval_dir", "x", "--episodes_per_update", "6", "--group_size", "4"])
+
+
+def test_build_data_splits_training_from_held_out(tmp_path):
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    for name, items in (("medmcqa.json", MEDMCQA), ("medqa.json", MEDQA), ("mmlu_pro_medical.json", MMLU_PRO),
+                        ("pubmedqa.json", PUBMEDQA)):  # fmt: skip
+        (eval_dir / name).write_text(json.dumps(items))
+    args = bench.parse_args(["--eval_dir", str(eval_dir), "--per_source", "1", "--train_medmcqa", "2"])
+    train_path, heldout_path, summary = bench.build_data(args, tmp_path)
+    training = check_items(json.loads(train_path.read_text()), VERIFIABLE)
+    heldout = load_eval_file(heldout_path, MCQ)
+    assert set(heldout) == {
+        "MedQA_USLME_test",
+        "MMLU-Pro_Medical_test",
+        "PubMedQA_test",
+        "MedMCQA_validation",
+    }
+    assert summary["held-out questions"] == 4 and all(len(v) == 1 for v in heldout.values())
+    demo = load_items(bench.DEMO_DATA, MCQ)
+    assert summary["training problems"] == len(training) == len(demo) + 2
+    for items in heldout.values():
+        check_disjoint(training, items)
+
+
+def test_score_replies_pairs_rewards_by_question():
+    replies = [
+        {
+            "source": "s",
+            "question": "q1",
+            "answer": "Measles",
+            "output": WELL_FORMED.format("measles", "Measles"),
+        },
+        {
+            "source": "s",
+            "question": "q2",
+            "answer": "Mumps",
+            "output": WELL_FORMED.format("rubella", "Rubella"),
+        },
+        {"source": "t", "question": "q1", "answer": "yes", "output": "yes"},
+    ]
+    rewards, format_rate = bench.score_replies(replies)
+    assert rewards == {("s", "q1"): 1.0, ("s", "q2"): 0.1, ("t", "q1"): 0.0}
+    assert format_rate == pytest.approx(2 / 3)
+
+
+def test_training_summary_of_ppo_and_grpo_metrics():
+    ppo = [{"update": u, "objective/scores": 0.1 * u, "objective/kl": 0.02, "val/response_length": 100.0}
+           for u in range(1, 5)]  # fmt: skip
+    summary = bench.training_summary(ppo)
+    assert summary["reward_key"] == "objective/scores"
+    assert summary["slope"].value == pytest.approx(0.1) and summary["slope"].above_zero
+    assert (summary["kl"], summary["response_length"]) == (pytest.approx(0.02), 100.0)
+    grpo = [
+        {"step": 1, "reward": 0.3, "kl": 0.0, "completions/mean_length": 30.0},
+        {"step": 1, "train_loss": 0},
+    ]
+    summary = bench.training_summary(grpo)
+    assert summary["reward_key"] == "reward" and summary["slope"] is None
+    with pytest.raises(ValueError, match="no training reward"):
+        bench.training_summary([{"step": 1, "loss": 0.3}])
