@@ -34,8 +34,11 @@ A minute on a CPU with the tiny offline models and the rule verifier:
 
 LoRA (--lora_r R, any --algorithm): the policy trains an adapter on frozen weights; for PPO the reference is the
 policy with its adapter switched off (one model copy fewer) and the value model gets an adapter of its own
-(--no_lora_value_model trains it in full). An 8B policy with a 3B value model on two 24 GB GPUs (ZeRO-3 with
-CPU offload, configs/deepspeed_zero3_offload.yaml; LoRA wants a larger learning rate than full training):
+(--no_lora_value_model trains it in full). An 8B policy with a 3B value model on two GPUs (ZeRO-3 with CPU offload,
+configs/deepspeed_zero3_offload.yaml; LoRA wants a larger learning rate than full training). Sampling gathers the
+whole 8B policy on each GPU (16 GB in bf16) and every process holds a whole verifier (6 GB for the 3B), so on 24 GB
+GPUs add --ds3_gather_for_generation False and --reward_device cpu (or an llm: judge elsewhere); not run on
+hardware here:
 
     accelerate launch --num_processes 2 --config_file configs/deepspeed_zero3_offload.yaml RL_stage2.py \\
         --model_name_or_path ckpts/sft_stage1/checkpoint-2-468/tfmr \\
@@ -143,6 +146,13 @@ class ModelArguments:
     reward_batch_size: int = field(default=8, metadata={"help": "Classifier verifier batch size."})
     reward_max_length: int = field(
         default=4000, metadata={"help": "Classifier verifier input cap in tokens."}
+    )
+    reward_device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device of the classifier verifier (each process holds a whole copy): default the process's "
+            "own; `cpu`, or a spare GPU such as cuda:7, keeps it off the training GPUs."
+        },
     )
     llm_judge_model: str = field(
         default="gpt-4o", metadata={"help": "Model name for --reward_model_path llm:<url>."}
@@ -292,7 +302,7 @@ def main(args):
         wrong_reward=model_args.wrong_reward,
         malformed_reward=model_args.malformed_reward,
         threshold=model_args.reward_threshold,
-        device=state.device,
+        device=model_args.reward_device or state.device,
         batch_size=model_args.reward_batch_size,
         max_length=model_args.reward_max_length,
         llm_model=model_args.llm_judge_model,
