@@ -452,6 +452,9 @@ def stage_eval(demo: Demo) -> dict:
                 eval_file=shown(EVAL_SAMPLE),
                 port=port,
                 max_new_tokens=args.eval_max_new_tokens,
+                # Greedy replies on either server: transformers serve decodes greedily whatever the temperature
+                # for these models (their generation config does), vLLM samples unless told 0.
+                temperature=0,
                 concurrency=16,
                 seed=0,
                 output_dir=shown(out / label),
