@@ -233,8 +233,9 @@ class Demo:
         run_logged(cmd, shown_cmd, self.stage_dir(stage) / "log.txt", ROOT, self.env, self.args.quiet)
 
     @contextmanager
-    def served(self, model: str, stage: str, label: str):
-        """Serve `model` on this CPU through the launch script for the block; always stopped by the kill script."""
+    def served(self, model: str, stage: str, label: str, server_flags: tuple[str, ...] = ()):
+        """Serve `model` on this CPU through the launch script for the block (server_flags go to the server
+        after `--`); always stopped by the kill script."""
         port = self.args.port or free_port()
         server = flags(run_dir=shown(self.stage_dir(stage) / f"server_{label}"))
         launch = ["bash", "evaluation/launch_sglang_server.sh", "--backend", self.args.server, *server]
@@ -242,7 +243,8 @@ class Demo:
         try:
             # Room for vLLM's first start, which compiles the model (100-330 s on 2 busy cores; later starts
             # reuse ~/.cache/vllm).
-            self.run([*launch, "--timeout", "600", model, str(port)], stage)
+            extra = ["--", *server_flags] if server_flags else []
+            self.run([*launch, "--timeout", "600", model, str(port), *extra], stage)
             yield port
         finally:
             with signals_deferred():
@@ -298,7 +300,13 @@ def stage_api(demo: Demo) -> dict | None:
         server = flags(model_name=args.api_model, **({"api_url": args.api_url} if args.api_url else {}))
         return construct_and_search(demo, server)
     model = load_done(demo, "models")["outputs"]["policy"]
-    with demo.served(model, "api", "base") as port:
+    # The stage scripts send no temperature, so the server's default applies: vLLM's is 1.0 for this model
+    # (its generation config sets none), at which a 135M model writes gibberish inside the schema;
+    # transformers serve decodes greedily. 0.3 keeps the text readable while a retried request still varies.
+    sampling = (
+        ("--override-generation-config", json.dumps({"temperature": 0.3})) if args.server == "vllm" else ()
+    )
+    with demo.served(model, "api", "base", sampling) as port:
         # A small local model rambles: a short reply budget and a few requests at a time keep this to minutes.
         server = flags(
             model_name=model,
