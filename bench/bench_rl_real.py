@@ -31,6 +31,7 @@ bench_eval_real.py); about 55 minutes in all, 6 more when the SFT model is made 
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -120,7 +121,9 @@ def parse_args(argv=None):
     )
     rl.add_argument("--temperature", type=float, default=0.7, help="Rollout sampling temperature.")
     rl.add_argument("--response_length", type=int, default=None, help="Tokens per rollout (full: 512).")
-    rl.add_argument("--rollout_backend", choices=("hf", "vllm"), default="hf", help="vllm needs a GPU.")
+    rl.add_argument(
+        "--rollout_backend", choices=("hf", "vllm"), default="hf", help="Sampling engine of both arms."
+    )
 
     run = parser.add_argument_group("evaluation and output")
     run.add_argument(
@@ -130,12 +133,11 @@ def parse_args(argv=None):
         "--concurrency", type=int, default=8, help="Eval requests in flight (see bench_eval_real)."
     )
     run.add_argument(
-        "--server_memory_percent",
-        type=float,
-        default=0.05,
-        help="Share of memory (0-1) the CPU server may take for its KV cache (its --cb-max-memory-percent). "
-        "Unset, the server takes most of the memory: a tiny model's grew to 20 GB here and was killed for "
-        "memory; at 0.05 it peaked at 1.7 GB with 8 PubMedQA questions in flight.",
+        "--server",
+        choices=("vllm", "transformers"),
+        default="vllm" if importlib.util.find_spec("vllm") else "transformers",
+        help="Server of the held-out eval (launch_sglang_server.sh --backend): vLLM where installed, else "
+        "transformers serve (about 10x slower here).",
     )
     run.add_argument("--out_dir", default="bench_out/rl_real", help="Where runs, replies and the report go.")
     run.add_argument(
@@ -357,9 +359,8 @@ def main(args) -> int:
         models[arm] = train_arm(bench, arm, sft_model, train_path)
     results = {}
     for label, model in models.items():
-        server = ("--cb-max-memory-percent", str(args.server_memory_percent))
         sources, replies, seconds = evaluate(
-            str(model), heldout_path, bench.out_dir / "eval" / label, args, server
+            str(model), heldout_path, bench.out_dir / "eval" / label, args, backend=args.server
         )
         rewards, well_formed = score_replies(replies)
         results[label] = {
