@@ -44,6 +44,7 @@ bench: install
 	$(PYTHON) bench/bench_real_model.py
 	$(PYTHON) bench/bench_lora.py
 	$(PYTHON) bench/bench_zero3.py
+	$(PYTHON) bench/bench_vllm_rollout.py
 
 lint: install
 	$(PYTHON) -m ruff check .
