@@ -92,7 +92,8 @@ def convert(source: Path, out_dir: Path, checksum: str) -> None:
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     (partial / MARKER).write_text(
-        json.dumps({"gguf_file": source.name, "sha256": checksum, "conversion": CONVERSION}, indent=2) + "\n", encoding="utf-8"
+        json.dumps({"gguf_file": source.name, "sha256": checksum, "conversion": CONVERSION}, indent=2) + "\n",
+        encoding="utf-8",
     )
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(partial, out_dir)
