@@ -14,7 +14,6 @@ Each figure is the median over the timed steps, the first of every run being a w
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_real_model import sft_data  # noqa: E402
 from huatuo.pretrained import smollm2_instruct  # noqa: E402
 from huatuo.report import read_jsonl  # noqa: E402
 
@@ -74,20 +74,6 @@ def run(script: str, flags: list[str], processes: int, work: Path, timeout: int)
         raise RuntimeError(
             f"{script} with {processes} process(es) exited with {code}:\n{log.read_text()[-3000:]}"
         )
-
-
-def sft_data(path: Path, args) -> None:
-    """Examples long enough that each keeps exactly seq_len tokens after truncation."""
-    items = json.loads((ROOT / "data" / "demo_data.json").read_text(encoding="utf-8"))
-    rows = [
-        {
-            "Question": item["Question"],
-            "Complex_CoT": " ".join([item["Complex_CoT"]] * (1 + 2 * args.seq_len // 300)),
-            "Response": item["Response"],
-        }
-        for item in items
-    ]
-    path.write_text(json.dumps(rows[: args.batch * args.steps]), encoding="utf-8")
 
 
 def sft_tokens_per_second(model: Path, data: Path, work: Path, args, processes: int) -> float:
