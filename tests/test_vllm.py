@@ -13,7 +13,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from huatuo import pretrained
 from huatuo.report import read_jsonl
 
 pytest.importorskip(
@@ -25,11 +24,6 @@ CHECK = ROOT / "tests" / "vllm_ppo_check.py"
 # A greedy choice between two tokens whose logits differ by less than bf16's rounding at these magnitudes (logits
 # of about 30, spaced 0.125 apart in bf16) is a tie: the engine computes in bf16, the reference here in fp32.
 TIE = 0.3
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    return pretrained.smollm2_instruct()
 
 
 def ppo_flags(model: Path, out: Path, *extra: str) -> list[str]:
