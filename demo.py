@@ -58,17 +58,21 @@ from huatuo.report import (
     comparison_markdown,
     first_last,
     markdown_table,
+    paired_gain,
     per_source_markdown,
     plot_curve,
+    plot_fitted,
     read_jsonl,
     reply_scores,
+    series,
 )
 from huatuo.runner import StageFailed, join_command, run_logged, signals_deferred
+from huatuo.stats import slope
 from huatuo.store import save_args, write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "data" / "demo_data.json"
-EVAL_SAMPLE = ROOT / "evaluation" / "data" / "eval_sample.json"
+EVAL_HELDOUT = ROOT / "evaluation" / "data" / "eval_heldout.json"
 MCQ_KEYS = ("question", "options", "answer_idx", "answer")
 PYTHON = sys.executable
 
@@ -85,17 +89,21 @@ SIZES = {
     "real": {
         "sft_epochs": 6,
         "sft_learning_rate": 2e-4,
-        "rl_episodes": 24,
-        "response_length": 512,
+        "rl_episodes": 80,
+        "rl_learning_rate": 1e-5,
+        "response_length": 256,
         "eval_max_new_tokens": 512,
+        "eval_per_source": 13,
         "api_items": 3,
     },
     "tiny": {
         "sft_epochs": 2,
         "sft_learning_rate": 3e-3,  # a random 0.1M-parameter model needs a far larger step than 5e-6
-        "rl_episodes": 32,
+        "rl_episodes": 40,
+        "rl_learning_rate": 1e-5,
         "response_length": 48,
         "eval_max_new_tokens": 32,
+        "eval_per_source": 3,
         "api_items": 5,
     },
 }
@@ -158,8 +166,15 @@ def parse_args(argv=None):
         "--sft_max_seq_len", type=int, default=1024, help="SFT examples keep their last N tokens."
     )
     sizes.add_argument("--rl_episodes", type=int, default=None, help="PPO episodes (8 per update).")
+    sizes.add_argument("--rl_learning_rate", type=float, default=None, help="PPO learning rate.")
     sizes.add_argument("--response_length", type=int, default=None, help="Tokens per PPO rollout.")
     sizes.add_argument("--eval_max_new_tokens", type=int, default=None, help="Tokens per eval reply.")
+    sizes.add_argument(
+        "--eval_per_source",
+        type=int,
+        default=None,
+        help="Held-out questions per source (evaluation/data/eval_heldout.json has 13 of each of 5).",
+    )
     sizes.add_argument("--port", type=int, default=0, help="Port of the servers (0: any free port).")
     sizes.add_argument(
         "--server",
@@ -181,6 +196,7 @@ def parse_args(argv=None):
         "rl_episodes",
         "response_length",
         "eval_max_new_tokens",
+        "eval_per_source",
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -405,7 +421,8 @@ def stage_rl(demo: Demo) -> dict:
     out = demo.stage_dir("rl") / "ppo"
     sft_checkpoint = load_done(demo, "sft")["outputs"]["checkpoint"]
     # Real model: 4 prompts x 2 accumulation steps = 8 episodes per update, the value model initialised from
-    # the SFT checkpoint (it must read the policy's tokens); tiny: 2 x 2 = 4 with the tiny value model.
+    # the SFT checkpoint (it must read the policy's tokens), rollouts sampled by vLLM where it serves the other
+    # stages, bf16 autocast; tiny: 2 x 2 = 4 with the tiny value model, in fp32.
     per_device = 4 if demo.real else 2
     updates = -(-args.rl_episodes // (2 * per_device))
     ppo = flags(
@@ -421,7 +438,9 @@ def stage_rl(demo: Demo) -> dict:
         gradient_accumulation_steps=2,
         local_rollout_forward_batch_size=2 * per_device,
         num_ppo_epochs=2 if demo.real else 4,
-        learning_rate=1e-6 if demo.real else 1e-5,
+        learning_rate=args.rl_learning_rate,
+        rollout_backend="vllm" if args.server == "vllm" else "hf",
+        bf16=demo.real,
         save_strategy="no",
         eval_strategy="no",  # the eval stage scores every model on questions no stage trained on
         eval_fraction=0,
@@ -457,9 +476,10 @@ def stage_eval(demo: Demo) -> dict:
         with demo.served(model, "eval", label) as port:
             evaluate = flags(
                 model_name=model,
-                eval_file=shown(EVAL_SAMPLE),
+                eval_file=shown(EVAL_HELDOUT),
                 port=port,
                 max_new_tokens=args.eval_max_new_tokens,
+                limit=args.eval_per_source,
                 # Greedy replies on either server: transformers serve decodes greedily whatever the temperature
                 # for these models (their generation config does), vLLM samples unless told 0.
                 temperature=0,
@@ -471,7 +491,11 @@ def stage_eval(demo: Demo) -> dict:
         summary_path = newest((out / label).glob("*_summary.json"), "eval summary")
         replies_path = summary_path.with_name(summary_path.name.removesuffix("_summary.json") + ".json")
         replies = json.loads(replies_path.read_text(encoding="utf-8"))
-        summaries[label] = {"summary": shown(summary_path), "rewards": reply_scores(replies)}
+        summaries[label] = {
+            "summary": shown(summary_path),
+            "replies": shown(replies_path),
+            "rewards": reply_scores(replies),
+        }
     write_json_atomic(out / "scores.json", summaries)
     figure = (
         "; ".join(
@@ -580,27 +604,31 @@ def write_report(demo: Demo, rows: list[list[str]]) -> Path:
     report.mkdir(parents=True, exist_ok=True)
     table = markdown_table(["stage", "items", "wall time", "key figure", "status"], rows)
     text = f"# Demo summary\n\n{table}\n"
-    plots = [
-        ("sft", "metrics", "step", "loss", "sft_loss.png", "SFT training loss", "loss"),
-        (
-            "rl",
-            "metrics",
-            "episode",
-            ["objective/scores", "objective/rlhf_reward"],
-            "ppo_reward.png",
-            "PPO mean reward and KL-shaped reward per update",
+    if done_path(demo, "sft").exists():
+        metrics = read_jsonl(ROOT / load_done(demo, "sft")["outputs"]["metrics"])
+        plot_curve(metrics, "step", "loss", report / "sft_loss.png", "SFT training loss", "loss")
+    reward_trend = None
+    if done_path(demo, "rl").exists():
+        updates, rewards = series(
+            read_jsonl(ROOT / load_done(demo, "rl")["outputs"]["metrics"]), "update", "objective/scores"
+        )
+        reward_trend = slope(updates, rewards) if len(set(updates)) >= 2 else None
+        plot_fitted(
+            {"mean reward of the rollouts": (updates, rewards, reward_trend)},
+            report / "ppo_reward.png",
+            "PPO training reward per update, with its least-squares line",
+            "update",
             "reward",
-        ),
-    ]
-    for stage, key, x_key, y_keys, name, title, ylabel in plots:
-        if done_path(demo, stage).exists():
-            metrics = read_jsonl(ROOT / load_done(demo, stage)["outputs"][key])
-            plot_curve(metrics, x_key, y_keys, report / name, title, ylabel)
+        )
     if done_path(demo, "eval").exists():
         scores = json.loads((ROOT / load_done(demo, "eval")["outputs"]["scores"]).read_text())
         rewards = {label: s["rewards"] for label, s in scores.items()}
         summaries = {label: json.loads((ROOT / s["summary"]).read_text()) for label, s in scores.items()}
-        learning = comparison_markdown(rewards, summaries, demo.args.eval_max_new_tokens)
+        replies = {label: json.loads((ROOT / s["replies"]).read_text()) for label, s in scores.items()}
+        gain = paired_gain(replies["sft"], replies["ppo"])
+        learning = comparison_markdown(
+            rewards, summaries, demo.args.eval_max_new_tokens, gain=gain, trend=reward_trend
+        )
         text += "\n" + learning
         (report / "eval.md").write_text(
             learning + "\n" + per_source_markdown(rewards, summaries), encoding="utf-8"

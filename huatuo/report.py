@@ -3,6 +3,7 @@
 rows = read_jsonl("train_logs/sft_stage1/metrics.jsonl")
 plot_curve(rows, "step", "loss", "report/sft_loss.png", title="SFT loss")
 plot_diagnostics(read_jsonl("ckpts/ppo/metrics.jsonl"), "report/ppo_diagnostics.png", title="PPO")
+plot_fitted({"ppo": (updates, rewards, slope(updates, rewards))}, "report/reward.png", "Reward", "update", "reward")
 print(markdown_table(["stage", "wall time"], [["sft", "12.3 s"]]))
 """
 
@@ -84,6 +85,38 @@ def plot_curve(rows: list[dict], x_key: str, y_keys, path, title: str, ylabel: s
     fig.savefig(path, format="png")
     plt.close(fig)
     return sum(len(xs) for xs, _ in curves.values())
+
+
+def plot_fitted(curves: dict, path, title: str, xlabel: str, ylabel: str) -> None:
+    """One PNG at `path` with each curve's points and its least-squares line: curves maps a label to
+    (xs, ys, fit), fit a huatuo.stats.slope Estimate (or None: points only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, (xs, ys, fit) in curves.items():
+        (line,) = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        if fit is not None:
+            x0, y0 = sum(xs) / len(xs), sum(ys) / len(ys)
+            ends = [min(xs), max(xs)]
+            ax.plot(
+                ends,
+                [y0 + fit.value * (x - x0) for x in ends],
+                linestyle="--",
+                color=line.get_color(),
+                label=f"fit: {fit.value:+.4f} per {xlabel}",
+            )
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
 
 
 # What to look at when an RL run does not learn, each under the key our PPO logs and the key TRL's GRPO logs.
@@ -169,6 +202,33 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def question_rewards(records: list[dict]) -> dict[tuple[str, str], float]:
+    """The RL reward (rule verifier against the correct option's text) of each eval reply, keyed by (source,
+    question). `records` are eval.py's items ("source", "question", "answer", "output")."""
+    from huatuo.reward import RewardFunction
+
+    reward = RewardFunction("rule")
+    judgements = reward.judge([r.get("output") or "" for r in records], [str(r["answer"]) for r in records])
+    return {
+        (r["source"], r["question"]): value
+        for r, value in zip(records, reward.rewards(judgements), strict=True)
+    }
+
+
+def paired_gain(baseline: list[dict], treatment: list[dict], seed: int = 0):
+    """Mean reward of `treatment`'s replies minus `baseline`'s on the same eval questions, with its 95% bootstrap
+    interval over questions (huatuo.stats.paired_difference). Both are eval.py replies to one eval file."""
+    from huatuo.stats import paired_difference
+
+    before, after = question_rewards(baseline), question_rewards(treatment)
+    if set(before) != set(after):
+        raise ValueError(
+            f"the two runs answered different questions ({len(set(before) ^ set(after))} not in both)"
+        )
+    keys = sorted(before)
+    return paired_difference([before[k] for k in keys], [after[k] for k in keys], seed=seed)
+
+
 def reply_scores(records: list[dict]) -> dict[str, dict]:
     """The RL reward applied to eval replies: per source, and over all of them under "all", the share of
     replies in the trained layout (the reward's own format check), the share the rule verifier finds the
@@ -193,10 +253,14 @@ def reply_scores(records: list[dict]) -> dict[str, dict]:
     return scores
 
 
-def comparison_markdown(rewards: dict[str, dict], summaries: dict[str, dict], max_new_tokens: int) -> str:
+def comparison_markdown(
+    rewards: dict[str, dict], summaries: dict[str, dict], max_new_tokens: int, gain=None, trend=None
+) -> str:
     """Models side by side on held-out questions (`rewards`: reply_scores per model, `summaries`: eval.py's
     summary per model), with the demo's targets: format rate after SFT at least 0.8, and PPO no lower than
-    SFT in format rate and mean reward."""
+    SFT in format rate and mean reward. `gain` (paired_gain of PPO over SFT) and `trend` (the slope of PPO's
+    training reward per update), huatuo.stats Estimates, are reported with their intervals and whether those
+    exclude 0."""
     overall = {label: r["all"] for label, r in rewards.items()}
     rows = [
         [
@@ -215,6 +279,21 @@ def comparison_markdown(rewards: dict[str, dict], summaries: dict[str, dict], ma
             target_line("format rate after PPO, against SFT", ppo["format_rate"], sft["format_rate"]),
             target_line("mean reward after PPO, against SFT", ppo["mean_reward"], sft["mean_reward"]),
         ]
+    if trend is not None:
+        checks.append(
+            f"PPO training reward per update: slope {trend.text(4)}: "
+            + ("rising beyond noise" if trend.above_zero else "not distinguishable from a flat line")
+        )
+    if gain is not None:
+        checks.append(
+            f"PPO - SFT in held-out mean reward, paired over the questions: {gain.text()}: "
+            + (
+                "a gain beyond chance"
+                if gain.above_zero
+                else "not distinguishable from chance at this size (the interval holds 0); "
+                "bench/bench_rl_real.py measures it on 200 questions (figures in the README)"
+            )
+        )
     items = next(iter(overall.values()))["items"]
     return (
         f"## Learning, on {items} held-out questions ({max_new_tokens}-token replies, greedy)\n\n"

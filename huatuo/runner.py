@@ -63,6 +63,7 @@ def run_logged(cmd: list[str], shown_cmd: str, log_path: Path, cwd: Path, env: d
         try:
             while chunk := os.read(proc.stdout.fileno(), 65536):
                 log.write(chunk)
+                log.flush()  # so that `tail -f log.txt` follows a quiet run as it goes
                 if not quiet:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()

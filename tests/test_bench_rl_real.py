@@ -1,4 +1,4 @@
-"""The real-model RL bench's own steps, offline: its data split, reply scoring and curve summaries."""
+"""The real-model RL bench's own steps, offline: its data split and curve summaries."""
 
 import json
 import subprocess
@@ -12,7 +12,6 @@ from huatuo.items import MCQ, VERIFIABLE, check_items, load_eval_file, load_item
 from huatuo.problems import check_disjoint
 from tests.test_problems import MEDMCQA, MEDQA, MMLU_PRO, PUBMEDQA
 
-WELL_FORMED = "## Thinking\n\nIt is {}.\n\n## Final Response\n\n{}"
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "bench_rl_real.py"
 
 
@@ -51,27 +50,6 @@ def test_build_data_splits_training_from_held_out(tmp_path):
     assert summary["training problems"] == len(training) == len(demo) + 2
     for items in heldout.values():
         check_disjoint(training, items)
-
-
-def test_score_replies_pairs_rewards_by_question():
-    replies = [
-        {
-            "source": "s",
-            "question": "q1",
-            "answer": "Measles",
-            "output": WELL_FORMED.format("measles", "Measles"),
-        },
-        {
-            "source": "s",
-            "question": "q2",
-            "answer": "Mumps",
-            "output": WELL_FORMED.format("rubella", "Rubella"),
-        },
-        {"source": "t", "question": "q1", "answer": "yes", "output": "yes"},
-    ]
-    rewards, format_rate = bench.score_replies(replies)
-    assert rewards == {("s", "q1"): 1.0, ("s", "q2"): 0.1, ("t", "q1"): 0.0}
-    assert format_rate == pytest.approx(2 / 3)
 
 
 def test_training_summary_of_ppo_and_grpo_metrics():

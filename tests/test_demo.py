@@ -19,12 +19,13 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import demo
-from huatuo.report import read_jsonl
+from huatuo.report import paired_gain, read_jsonl
+from huatuo.stats import slope
 from tests.stub_server import StubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-EVAL_SOURCES = set(json.loads((ROOT / "evaluation" / "data" / "eval_sample.json").read_text()))
+EVAL_SOURCES = set(json.loads((ROOT / "evaluation" / "data" / "eval_heldout.json").read_text()))
 TRAINING_STAGES = ("models", "sft", "rl", "eval")
 
 
@@ -125,7 +126,7 @@ def test_every_stage_writes_outputs_that_load_and_parse(demo_run):
     rl = done(out_dir, "rl")
     AutoModelForCausalLM.from_pretrained(ROOT / rl["outputs"]["checkpoint"])
     updates = read_jsonl(ROOT / rl["outputs"]["metrics"])
-    assert [row["update"] for row in updates] == list(range(1, 9))
+    assert [row["update"] for row in updates] == list(range(1, 11))
     assert all(0.0 <= row["objective/scores"] <= 1.0 for row in updates)
     assert (
         rl["outputs"]["checkpoint"] in (out_dir / "eval" / "log.txt").read_text()
@@ -141,6 +142,8 @@ def test_every_stage_writes_outputs_that_load_and_parse(demo_run):
         assert set(scores[label]["rewards"]) == EVAL_SOURCES | {"all"}
         assert scores[label]["rewards"]["all"]["items"] == 15
         assert all(0 <= r["format_rate"] <= 1 for r in scores[label]["rewards"].values())
+        replies = json.loads((ROOT / scores[label]["replies"]).read_text())
+        assert len(replies) == 15 and {r["source"] for r in replies} == EVAL_SOURCES
         (result_file,) = (out_dir / "eval" / label).glob("result_*.json")
         assert {k: len(v) for k, v in json.loads(result_file.read_text()).items()} == dict.fromkeys(
             EVAL_SOURCES, 4
@@ -158,6 +161,14 @@ def test_every_stage_writes_outputs_that_load_and_parse(demo_run):
         f"| {label} | {source} | 3 |" in eval_md for label in demo.EVALUATED for source in EVAL_SOURCES
     )
     assert "format rate after SFT" in eval_md and "## Learning, on 15 held-out questions" in table
+    # the training curve's slope and the paired held-out difference, each with its interval
+    rewards = [row["objective/scores"] for row in updates]
+    trend = slope(list(range(1, 11)), rewards)
+    assert f"PPO training reward per update: slope {trend.text(4)}" in table
+    gain = paired_gain(
+        *(json.loads((ROOT / scores[label]["replies"]).read_text()) for label in ("sft", "ppo"))
+    )
+    assert f"PPO - SFT in held-out mean reward, paired over the questions: {gain.text()}" in table
 
 
 def test_no_process_or_server_is_left_behind(demo_run):

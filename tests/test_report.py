@@ -1,6 +1,14 @@
 import pytest
 
-from huatuo.report import first_last, markdown_table, plot_curve, read_jsonl, series
+from huatuo.report import (
+    first_last,
+    markdown_table,
+    paired_gain,
+    plot_curve,
+    question_rewards,
+    read_jsonl,
+    series,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,3 +71,46 @@ def test_markdown_table_escapes_pipes_and_newlines():
         "| sft | loss 6.2 -> 5.1 |",
         "| a\\|b | two lines |",
     ]
+
+
+WELL_FORMED = "## Thinking\n\nIt is {}.\n\n## Final Response\n\n{}"
+
+
+def reply(source, question, answer, output):
+    return {"source": source, "question": question, "answer": answer, "output": output}
+
+
+def test_question_rewards_key_each_reply_by_source_and_question():
+    replies = [
+        reply("s", "q1", "Measles", WELL_FORMED.format("measles", "Measles")),
+        reply("s", "q2", "Mumps", WELL_FORMED.format("rubella", "Rubella")),
+        reply("t", "q1", "yes", "yes"),
+    ]
+    assert question_rewards(replies) == {("s", "q1"): 1.0, ("s", "q2"): 0.1, ("t", "q1"): 0.0}
+
+
+def test_paired_gain_pairs_by_question_whatever_the_order():
+    right, wrong = WELL_FORMED.format("x", "Measles"), WELL_FORMED.format("x", "Mumps")
+    before = [reply("s", f"q{i}", "Measles", wrong) for i in range(10)]
+    # the second run answered in another order and got the first four right
+    after = [reply("s", f"q{i}", "Measles", right if i < 4 else wrong) for i in reversed(range(10))]
+    gain = paired_gain(before, after)
+    assert gain.value == pytest.approx(0.4 * 0.9)
+    assert 0 < gain.low < gain.value < gain.high <= 0.9
+    assert paired_gain(before, before).value == 0
+
+
+def test_paired_gain_refuses_runs_on_different_questions():
+    first = [reply("s", "q1", "a", "a"), reply("s", "q2", "a", "a")]
+    with pytest.raises(ValueError, match="different questions"):
+        paired_gain(first, first[:1])
+
+
+def test_plot_fitted_draws_points_and_fit_lines(tmp_path):
+    from huatuo.report import plot_fitted
+    from huatuo.stats import slope
+
+    xs, ys = [1.0, 2.0, 3.0, 4.0], [0.1, 0.3, 0.2, 0.5]
+    path = tmp_path / "fit.png"
+    plot_fitted({"ppo": (xs, ys, slope(xs, ys)), "grpo": (xs, ys[::-1], None)}, path, "t", "update", "reward")
+    assert path.read_bytes().startswith(PNG_MAGIC)
