@@ -17,10 +17,10 @@ Stages, each run as the command its banner prints (copy it to run the stage alon
           answer in the JSON the stages ask for; what it manages is reported, kept, dropped and given up).
           --skip_api skips it
   sft     fine-tune the model on the bundled complex chains of thought (SFT_stage1.py)
-  rl      PPO from the SFT checkpoint, with a value model initialised from it and the rule verifier
-          (RL_stage2.py)
+  rl      PPO from the SFT checkpoint, 10 updates, with a value model initialised from it and the rule
+          verifier (RL_stage2.py; rollouts sampled by vLLM when it is the server)
   eval    serve the base, SFT and PPO models in turn (launch_sglang_server.sh), run evaluation/eval.py on
-          evaluation/data/eval_sample.json (questions no stage trains on), stop each server with
+          evaluation/data/eval_heldout.json (65 questions no stage trains on), stop each server with
           kill_sglang_server.sh; score each reply with the RL reward too
 
 The server (--server auto) is vLLM for the real model where vLLM's CPU build is installed (`make install`
@@ -31,7 +31,8 @@ figure names it.
 Outputs under --out_dir (default demo_out/): args.json (this run's flags); one folder per stage with its
 outputs, the stage's console output (log.txt) and, once finished, done.json (its summary; a rerun skips
 the stage); report/ with summary.md (stage, items, wall time, key figure), sft_loss.png, ppo_reward.png
-and eval.md (format rate, mean reward, accuracy and no-answer share per source, for each model).
+and eval.md (format rate, mean reward, accuracy and no-answer share per source, for each model; the slope of
+PPO's training reward and its held-out gain over SFT, each with its 95% interval).
 Each stage shows its own progress bar with the time left.
 
 Every child runs in a process group of its own; Ctrl-C (or SIGTERM) stops that group, and a server once
@@ -422,7 +423,8 @@ def stage_rl(demo: Demo) -> dict:
     sft_checkpoint = load_done(demo, "sft")["outputs"]["checkpoint"]
     # Real model: 4 prompts x 2 accumulation steps = 8 episodes per update, the value model initialised from
     # the SFT checkpoint (it must read the policy's tokens), rollouts sampled by vLLM where it serves the other
-    # stages, bf16 autocast; tiny: 2 x 2 = 4 with the tiny value model, in fp32.
+    # stages, bf16 autocast, one PPO pass over each batch (as bench/bench_rl_real.py); tiny: 2 x 2 = 4 with the
+    # tiny value model, in fp32.
     per_device = 4 if demo.real else 2
     updates = -(-args.rl_episodes // (2 * per_device))
     ppo = flags(
@@ -437,7 +439,7 @@ def stage_rl(demo: Demo) -> dict:
         per_device_train_batch_size=per_device,
         gradient_accumulation_steps=2,
         local_rollout_forward_batch_size=2 * per_device,
-        num_ppo_epochs=2 if demo.real else 4,
+        num_ppo_epochs=1 if demo.real else 4,
         learning_rate=args.rl_learning_rate,
         rollout_backend="vllm" if args.server == "vllm" else "hf",
         bf16=demo.real,

@@ -72,11 +72,11 @@ SIZES = {
     "full": {
         "per_source": 50,
         "train_medmcqa": 500,
-        "updates": 6,
-        "episodes_per_update": 8,
+        "updates": 15,
+        "episodes_per_update": 16,
         "group_size": 4,
-        "response_length": 512,
-        "max_new_tokens": 512,
+        "response_length": 256,
+        "max_new_tokens": 256,
         "sft_epochs": 6,
     },
     "quick": {
@@ -122,23 +122,26 @@ def parse_args(argv=None):
 
     rl = parser.add_argument_group("RL arms (RL_stage2.py)")
     rl.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="Algorithms to train.")
-    rl.add_argument("--learning_rate", type=float, default=2e-6, help="Learning rate of both arms.")
-    rl.add_argument("--updates", type=int, default=None, help="Updates (GRPO: steps) per arm (full: 6).")
-    rl.add_argument("--episodes_per_update", type=int, default=None, help="Responses per update (full: 8).")
+    rl.add_argument("--learning_rate", type=float, default=1e-5, help="Learning rate of both arms.")
+    rl.add_argument("--updates", type=int, default=None, help="Updates (GRPO: steps) per arm (full: 15).")
+    rl.add_argument("--episodes_per_update", type=int, default=None, help="Responses per update (full: 16).")
     rl.add_argument("--group_size", type=int, default=None, help="GRPO responses per prompt (full: 4).")
     rl.add_argument("--kl_coef", type=float, default=0.03, help="KL penalty (PPO) / beta (GRPO).")
     rl.add_argument(
-        "--ppo_epochs", type=int, default=2, help="PPO passes over each rollout batch (GRPO makes one)."
+        "--ppo_epochs", type=int, default=1, help="PPO passes over each rollout batch (GRPO makes one)."
     )
     rl.add_argument("--temperature", type=float, default=0.7, help="Rollout sampling temperature.")
-    rl.add_argument("--response_length", type=int, default=None, help="Tokens per rollout (full: 512).")
+    rl.add_argument("--response_length", type=int, default=None, help="Tokens per rollout (full: 256).")
     rl.add_argument(
-        "--rollout_backend", choices=("hf", "vllm"), default="hf", help="Sampling engine of both arms."
+        "--rollout_backend",
+        choices=("hf", "vllm"),
+        default="vllm" if importlib.util.find_spec("vllm") else "hf",
+        help="Sampling engine of both arms (default: vLLM where installed).",
     )
 
     run = parser.add_argument_group("evaluation and output")
     run.add_argument(
-        "--max_new_tokens", type=int, default=None, help="Tokens per held-out reply (full: 512)."
+        "--max_new_tokens", type=int, default=None, help="Tokens per held-out reply (full: 256)."
     )
     run.add_argument(
         "--concurrency", type=int, default=8, help="Eval requests in flight (see bench_eval_real)."

@@ -24,7 +24,7 @@ def test_quick_and_full_sizes_and_the_group_check():
     quick = bench.parse_args(["--eval_dir", "x", "--quick"])
     full = bench.parse_args(["--eval_dir", "x", "--updates", "9"])
     assert (quick.per_source, quick.updates, quick.response_length) == (3, 2, 32)
-    assert (full.per_source, full.updates, full.response_length) == (50, 9, 512)
+    assert (full.per_source, full.updates, full.response_length) == (50, 9, 256)
     with pytest.raises(SystemExit):
         bench.parse_args(["--eval_dir", "x", "--episodes_per_update", "6", "--group_size", "4"])
 
