@@ -419,7 +419,7 @@ def main(args) -> int:
                 "held-out reward - SFT (paired bootstrap)",
                 "training reward slope per update (t interval)",
                 "logged points",
-                "mean KL",
+                "mean KL (PPO: summed over a response; GRPO: per token)",
                 "mean response length",
             ],
             arm_rows,
