@@ -144,7 +144,10 @@ def parse_args(argv=None):
         "--max_new_tokens", type=int, default=None, help="Tokens per held-out reply (full: 256)."
     )
     run.add_argument(
-        "--concurrency", type=int, default=8, help="Eval requests in flight (see bench_eval_real)."
+        "--concurrency",
+        type=int,
+        default=32,
+        help="Eval requests in flight (vLLM batches them: more in flight, more tokens/s).",
     )
     run.add_argument(
         "--server",
@@ -257,6 +260,9 @@ def make_sft_model(bench: Bench) -> Path:
 def train_arm(bench: Bench, algorithm: str, sft_model: Path, train_path: Path) -> Path:
     args = bench.args
     out = bench.out_dir / algorithm
+    if (out / "model.safetensors").is_file():  # RL_stage2.py saves the final policy there when it is done
+        print(f"{algorithm}: trained earlier, reusing {out} (delete it to train again)", flush=True)
+        return out
     common = flags(
         algorithm=algorithm,
         model_name_or_path=sft_model,
