@@ -67,3 +67,17 @@ def test_training_summary_of_ppo_and_grpo_metrics():
     assert summary["reward_key"] == "reward" and summary["slope"] is None
     with pytest.raises(ValueError, match="no training reward"):
         bench.training_summary([{"step": 1, "loss": 0.3}])
+
+
+def test_a_rerun_reuses_an_arm_that_finished_training(tmp_path, monkeypatch):
+    args = bench.parse_args(["--eval_dir", "x", "--quick", "--out_dir", str(tmp_path)])
+    runner = bench.Bench(args)
+    commands = []
+    monkeypatch.setattr(runner, "run", lambda cmd, stage: commands.append((stage, cmd)))
+    assert bench.train_arm(runner, "ppo", tmp_path / "sft", tmp_path / "train.json") == tmp_path / "ppo"
+    assert [stage for stage, _ in commands] == ["ppo"]  # nothing there yet: it trains
+    (tmp_path / "ppo" / "model.safetensors").parent.mkdir()
+    (tmp_path / "ppo" / "model.safetensors").write_bytes(b"")
+    bench.train_arm(runner, "ppo", tmp_path / "sft", tmp_path / "train.json")
+    bench.train_arm(runner, "grpo", tmp_path / "sft", tmp_path / "train.json")
+    assert [stage for stage, _ in commands] == ["ppo", "grpo"]  # the finished PPO arm is not trained again
