@@ -24,10 +24,10 @@ targets, marked met or missed: some arm raises the held-out mean reward over SFT
 above 0 while its format rate stays >= SFT's - 0.02; some arm's training reward slope has its interval above 0.
 Plots: reward_curves.png (the training reward of both arms with their fitted lines) and <arm>_diagnostics.png.
 
-Budget on this 2-core CPU with the defaults (an estimate from the demo's measured rates, not a measured run):
-SFT model given; PPO 6 updates of 8 episodes at 512 tokens about 12 minutes, GRPO the same episodes about 8,
-three models served on 200 questions at 512 tokens about 30 minutes (0.34 questions/s measured by
-bench_eval_real.py); about 55 minutes in all, 6 more when the SFT model is made here.
+Measured on this 2-core CPU with the defaults, SFT model given: PPO 15 updates of 16 episodes at 256 tokens
+26 minutes (about 21 on a quiet machine), GRPO 18, three models served on 200 questions at 256 tokens 19.5
+(about 1 question/s with 32 in flight, plus each vLLM start); about 63 minutes in all, 6 more when the SFT model
+is made here. A rerun reuses an arm whose final policy is saved, and eval.py resumes the replies it has.
 """
 
 import argparse
