@@ -485,7 +485,8 @@ def stage_eval(demo: Demo) -> dict:
                 # Greedy replies on either server: transformers serve decodes greedily whatever the temperature
                 # for these models (their generation config does), vLLM samples unless told 0.
                 temperature=0,
-                concurrency=32,  # vLLM batches the requests in flight: more of them, more tokens/s
+                # vLLM batches the requests in flight (more of them, more tokens/s); transformers serve takes 16
+                concurrency=32 if args.server == "vllm" else 16,
                 seed=0,
                 output_dir=shown(out / label),
             )
