@@ -442,7 +442,7 @@ def stage_rl(demo: Demo) -> dict:
         num_ppo_epochs=1 if demo.real else 4,
         learning_rate=args.rl_learning_rate,
         rollout_backend="vllm" if args.server == "vllm" else "hf",
-        bf16=demo.real,
+        bf16=str(demo.real),  # a value, not a bare switch: TrainingArguments wants one
         save_strategy="no",
         eval_strategy="no",  # the eval stage scores every model on questions no stage trained on
         eval_fraction=0,
