@@ -18,8 +18,10 @@ Stages, each run as the command its banner prints (copy it to run the stage alon
           --skip_api skips it
   sft     fine-tune the model on the bundled complex chains of thought (SFT_stage1.py)
   rl      PPO from the SFT checkpoint, 10 updates, with a value model initialised from it and the rule
-          verifier (RL_stage2.py; rollouts sampled by vLLM when it is the server)
-  eval    serve the base, SFT and PPO models in turn (launch_sglang_server.sh), run evaluation/eval.py on
+          verifier, on the bundled MCQs in closed form (huatuo.problems: the question with its options, the
+          correct option's text as the answer), as the eval asks them (RL_stage2.py; rollouts sampled by vLLM
+          when it is the server)
+  eval    serve the SFT and PPO models in turn (launch_sglang_server.sh), run evaluation/eval.py on
           evaluation/data/eval_heldout.json (65 questions no stage trains on), stop each server with
           kill_sglang_server.sh; score each reply with the RL reward too
 
@@ -55,6 +57,8 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+from huatuo.items import MCQ, load_items
+from huatuo.problems import closed_form_problems
 from huatuo.report import (
     comparison_markdown,
     first_last,
@@ -74,21 +78,20 @@ from huatuo.store import save_args, write_json_atomic
 ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "data" / "demo_data.json"
 EVAL_HELDOUT = ROOT / "evaluation" / "data" / "eval_heldout.json"
-MCQ_KEYS = ("question", "options", "answer_idx", "answer")
 PYTHON = sys.executable
 
 STAGES = ("models", "api", "sft", "rl", "eval")
 # A stage reruns whenever a stage it builds on reran; the API stage feeds nothing (SFT trains on the bundle).
 NEEDS = {"models": (), "api": (), "sft": ("models",), "rl": ("models", "sft"), "eval": ("sft", "rl")}
-EVALUATED = ("base", "sft", "ppo")  # the models the eval stage serves, in order
+EVALUATED = ("sft", "ppo")  # the models the eval stage serves, in order
 SERVER_NAMES = {"vllm": "vLLM", "transformers": "transformers serve"}
 
-# Stage sizes per model. The real model's were measured on 2 CPU cores to fit the whole demo in about 20
-# minutes; the response budget (PPO rollouts and eval replies alike) leaves room for the bundled reasoning
-# (about 400 tokens) so that a model that learnt the format can finish it.
+# Stage sizes per model. The real model's fit the whole demo in 25 minutes on 2 CPU cores: 5 SFT epochs (the
+# bench's SFT model has 6), 10 PPO updates with 256-token rollouts (the closed-form problems' responses mostly fit;
+# the bundled open-ended ones run about 400 tokens), and 512-token eval replies, room for the bundled reasoning.
 SIZES = {
     "real": {
-        "sft_epochs": 6,
+        "sft_epochs": 5,
         "sft_learning_rate": 2e-4,
         "rl_episodes": 80,
         "rl_learning_rate": 1e-5,
@@ -257,9 +260,12 @@ class Demo:
         server = flags(run_dir=shown(self.stage_dir(stage) / f"server_{label}"))
         launch = ["bash", "evaluation/launch_sglang_server.sh", "--backend", self.args.server, *server]
         print(f"serving {label} with {SERVER_NAMES[self.args.server]}", flush=True)
+        if self.args.server == "vllm":
+            # Uncompiled: vLLM compiles afresh for every new model folder (the path is part of its compile-cache
+            # key), 96 s against 14 s here, and compiled decoding is only 1.4x faster (503 against 350 tokens/s),
+            # which pays off past some 90,000 tokens; a demo server writes at most 30,000.
+            server_flags = ("--optimization-level", "0", *server_flags)
         try:
-            # Room for vLLM's first start, which compiles the model (100-330 s on 2 busy cores; later starts
-            # reuse ~/.cache/vllm).
             extra = ["--", *server_flags] if server_flags else []
             self.run([*launch, "--timeout", "600", model, str(port), *extra], stage)
             yield port
@@ -342,7 +348,7 @@ def construct_and_search(demo: Demo, server: list[str]) -> dict:
     out = demo.stage_dir("api")
     items = json.loads(DEMO_DATA.read_text(encoding="utf-8"))[: args.api_items]
     mcqs_path = out / "demo_mcqs.json"
-    write_json_atomic(mcqs_path, [{key: item[key] for key in MCQ_KEYS} for item in items])
+    write_json_atomic(mcqs_path, [{key: item[key] for key in MCQ} for item in items])
     construct = flags(data_path=shown(mcqs_path), output_dir=shown(out))
     demo.run([PYTHON, "construct_verifiable_medical_problems.py", *construct, *server], "api")
     constructed = newest(out.glob(f"{mcqs_path.stem}_final_*.json"), "merged construction file")
@@ -421,33 +427,13 @@ def stage_rl(demo: Demo) -> dict:
     args = demo.args
     out = demo.stage_dir("rl") / "ppo"
     sft_checkpoint = load_done(demo, "sft")["outputs"]["checkpoint"]
-    # Real model: 4 prompts x 2 accumulation steps = 8 episodes per update, the value model initialised from
-    # the SFT checkpoint (it must read the policy's tokens), rollouts sampled by vLLM where it serves the other
-    # stages, bf16 autocast, one PPO pass over each batch (as bench/bench_rl_real.py); tiny: 2 x 2 = 4 with the
-    # tiny value model, in fp32.
-    per_device = 4 if demo.real else 2
-    updates = -(-args.rl_episodes // (2 * per_device))
-    ppo = flags(
-        model_name_or_path=sft_checkpoint,
-        value_model_path=sft_checkpoint if demo.real else load_done(demo, "models")["outputs"]["value"],
-        reward_model_path="rule",
-        dataset_name=shown(DEMO_DATA),
-        output_dir=shown(out),
-        response_length=args.response_length,
-        temperature=0.7,
-        total_episodes=args.rl_episodes,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=2,
-        local_rollout_forward_batch_size=2 * per_device,
-        num_ppo_epochs=1 if demo.real else 4,
-        learning_rate=args.rl_learning_rate,
-        rollout_backend="vllm" if args.server == "vllm" else "hf",
-        bf16=str(demo.real),  # a value, not a bare switch: TrainingArguments wants one
-        save_strategy="no",
-        eval_strategy="no",  # the eval stage scores every model on questions no stage trained on
-        eval_fraction=0,
-        report_to="none",
-    )
+    # The bundled MCQs with their options, answered by the correct option's text: the eval asks its questions
+    # with options too, and a closed-form answer takes the SFT model fewer tokens than an open-ended one.
+    problems = demo.stage_dir("rl") / "problems.json"
+    write_json_atomic(problems, closed_form_problems(load_items(DEMO_DATA, MCQ), "demo_data"))
+    value_model = sft_checkpoint if demo.real else load_done(demo, "models")["outputs"]["value"]
+    ppo = ppo_flags(demo, sft_checkpoint, value_model, problems, out)
+    updates = -(-args.rl_episodes // (2 * PPO_PROMPTS[demo.real]))
     demo.run([PYTHON, "RL_stage2.py", *ppo], "rl")
     rows = read_jsonl(out / "metrics.jsonl")
     score, kl, fmt = (
@@ -465,11 +451,45 @@ def stage_rl(demo: Demo) -> dict:
     }
 
 
+# Real model: 4 prompts x 2 accumulation steps = 8 episodes per update, the value model initialised from the SFT
+# checkpoint (it must read the policy's tokens), rollouts sampled by vLLM where it serves the other stages, bf16
+# autocast, one PPO pass over each batch (as bench/bench_rl_real.py); tiny: 2 x 2 = 4 with the tiny value model,
+# in fp32, four passes.
+PPO_PROMPTS = {True: 4, False: 2}
+
+
+def ppo_flags(demo: Demo, policy, value_model, problems: Path, out: Path) -> list[str]:
+    """RL_stage2.py's flags for the demo's PPO run."""
+    args, per_device = demo.args, PPO_PROMPTS[demo.real]
+    return flags(
+        model_name_or_path=policy,
+        value_model_path=value_model,
+        reward_model_path="rule",
+        dataset_name=shown(problems),
+        output_dir=shown(out),
+        response_length=args.response_length,
+        temperature=0.7,
+        total_episodes=args.rl_episodes,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=2,
+        local_rollout_forward_batch_size=2 * per_device,
+        num_ppo_epochs=1 if demo.real else 4,
+        learning_rate=args.rl_learning_rate,
+        rollout_backend="vllm" if args.server == "vllm" else "hf",
+        bf16=str(demo.real),  # a value, not a bare switch: TrainingArguments wants one
+        save_strategy="no",
+        eval_strategy="no",  # the eval stage scores every model on questions no stage trained on
+        eval_fraction=0,
+        report_to="none",
+    )
+
+
 def stage_eval(demo: Demo) -> dict:
     args = demo.args
     out = demo.stage_dir("eval")
+    # The base model is left out: it writes no `## Final Response`, so its reward is 0 and it would only add a
+    # server start and 65 replies to the demo's time.
     models = {
-        "base": load_done(demo, "models")["outputs"]["policy"],
         "sft": load_done(demo, "sft")["outputs"]["checkpoint"],
         "ppo": load_done(demo, "rl")["outputs"]["checkpoint"],
     }
@@ -508,7 +528,7 @@ def stage_eval(demo: Demo) -> dict:
         + f"; served by {SERVER_NAMES[args.server]}"
     )
     items = sum(
-        s["items"] for s in json.loads((ROOT / summaries["base"]["summary"]).read_text())["sources"].values()
+        s["items"] for s in json.loads((ROOT / summaries["sft"]["summary"]).read_text())["sources"].values()
     )
     return {
         "items": f"{items} questions x {len(models)} models",
@@ -533,7 +553,7 @@ DESCRIPTIONS = {
     "api": "construct verifiable problems from bundled MCQs and search reasoning paths through an LLM",
     "sft": "fine-tune the model on the bundled complex chains of thought",
     "rl": "PPO from the SFT checkpoint with the rule verifier",
-    "eval": "serve the base, SFT and PPO models in turn on the CPU and evaluate each on held-out questions",
+    "eval": "serve the SFT and PPO models in turn on the CPU and evaluate each on held-out questions",
 }
 
 

