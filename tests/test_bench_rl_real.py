@@ -22,11 +22,14 @@ def test_help_runs_as_a_script():
 
 def test_quick_and_full_sizes_and_the_group_check():
     quick = bench.parse_args(["--eval_dir", "x", "--quick"])
-    full = bench.parse_args(["--eval_dir", "x", "--updates", "9"])
-    assert (quick.per_source, quick.updates, quick.response_length) == (3, 2, 32)
-    assert (full.per_source, full.updates, full.response_length) == (50, 9, 256)
+    full = bench.parse_args(["--eval_dir", "x", "--ppo_updates", "9"])
+    assert (quick.per_source, quick.ppo_updates, quick.grpo_updates, quick.response_length) == (3, 2, 2, 32)
+    assert (full.per_source, full.ppo_updates, full.grpo_updates, full.response_length) == (50, 9, 30, 256)
+    assert full.grpo_learning_rate > full.ppo_learning_rate
     with pytest.raises(SystemExit):
         bench.parse_args(["--eval_dir", "x", "--episodes_per_update", "6", "--group_size", "4"])
+    with pytest.raises(SystemExit):  # 16 episodes do not split into groups of 3
+        bench.parse_args(["--eval_dir", "x", "--group_size", "3"])
 
 
 def test_build_data_splits_training_from_held_out(tmp_path):
@@ -81,3 +84,13 @@ def test_a_rerun_reuses_an_arm_that_finished_training(tmp_path, monkeypatch):
     bench.train_arm(runner, "ppo", tmp_path / "sft", tmp_path / "train.json")
     bench.train_arm(runner, "grpo", tmp_path / "sft", tmp_path / "train.json")
     assert [stage for stage, _ in commands] == ["ppo", "grpo"]  # the finished PPO arm is not trained again
+    ppo_cmd, grpo_cmd = (cmd for _, cmd in commands)
+
+    def flag(cmd, name):
+        return cmd[cmd.index(f"--{name}") + 1]
+
+    # each arm trains at its own learning rate for its own number of updates
+    assert flag(ppo_cmd, "learning_rate") == str(args.ppo_learning_rate)
+    assert flag(grpo_cmd, "learning_rate") == str(args.grpo_learning_rate)
+    assert flag(grpo_cmd, "total_episodes") == str(args.grpo_updates * args.episodes_per_update)
+    assert flag(grpo_cmd, "num_generations") == str(args.group_size)
