@@ -1,6 +1,6 @@
 """The whole pipeline on a real pretrained model, on one CPU (what `make demo` runs).
 
-    python demo.py                          # SmolLM2-135M-Instruct, into demo_out/ (35 minutes measured on 2 cores)
+    python demo.py                          # SmolLM2-135M-Instruct, into demo_out/ (22 minutes measured on 2 cores)
     python demo.py --model tiny             # tiny random models: every stage in about a minute, nothing learnt
     python demo.py --redo rl                # redo RL and the stages that build on it (eval)
     python demo.py --force                  # redo every stage

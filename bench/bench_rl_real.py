@@ -1,7 +1,7 @@
 """Does RL visibly learn on the real model? PPO (ours) and GRPO (TRL) from one SFT checkpoint, against SFT on
 held-out questions that no stage trains on, with confidence intervals.
 
-    python bench/bench_rl_real.py --eval_dir PATH/TO/eval --sft_model demo_out/sft/ckpts/demo/checkpoint-5-48/tfmr
+    python bench/bench_rl_real.py --eval_dir PATH/TO/eval --sft_model demo_out/sft/ckpts/demo/checkpoint-4-40/tfmr
     python bench/bench_rl_real.py --eval_dir PATH/TO/eval                  # makes the SFT model first (+6 min)
     python bench/bench_rl_real.py --eval_dir PATH/TO/eval --quick --model tiny   # end to end in a few minutes
 
@@ -24,10 +24,11 @@ targets, marked met or missed: some arm raises the held-out mean reward over SFT
 above 0 while its format rate stays >= SFT's - 0.02; some arm's training reward slope has its interval above 0.
 Plots: reward_curves.png (the training reward of both arms with their fitted lines) and <arm>_diagnostics.png.
 
-Measured on this 2-core CPU with the defaults, SFT model given: PPO 15 updates of 16 episodes at 256 tokens
-26 minutes (about 21 on a quiet machine), GRPO 18, three models served on 200 questions at 256 tokens 19.5
-(about 1 question/s with 32 in flight, plus each vLLM start); about 63 minutes in all, 6 more when the SFT model
-is made here. A rerun reuses an arm whose final policy is saved, and eval.py resumes the replies it has.
+Measured on this 2-core CPU, SFT model given (6 epochs, as made here; the demo's has 5): PPO 15 updates of 16
+episodes at 256 tokens 26 minutes (about 21 on a quiet machine), GRPO 30 steps about 31, each model served on 200
+questions at 256 tokens 5-6.5 (about 1 question/s with 32 in flight, plus the vLLM start): about 70 minutes in all
+with both arms, 6 more when the SFT model is made here; --arms picks one. A rerun reuses an arm whose final policy
+is saved, and eval.py resumes the replies it has. The README has the measured results of each setting tried.
 """
 
 import argparse
