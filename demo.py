@@ -433,7 +433,7 @@ def stage_rl(demo: Demo) -> dict:
     write_json_atomic(problems, closed_form_problems(load_items(DEMO_DATA, MCQ), "demo_data"))
     value_model = sft_checkpoint if demo.real else load_done(demo, "models")["outputs"]["value"]
     ppo = ppo_flags(demo, sft_checkpoint, value_model, problems, out)
-    updates = -(-args.rl_episodes // (2 * PPO_PROMPTS[demo.real]))
+    updates = -(-args.rl_episodes // (PPO_ACCUMULATION * PPO_PROMPTS[demo.real]))
     demo.run([PYTHON, "RL_stage2.py", *ppo], "rl")
     rows = read_jsonl(out / "metrics.jsonl")
     score, kl, fmt = (
@@ -456,6 +456,7 @@ def stage_rl(demo: Demo) -> dict:
 # autocast, one PPO pass over each batch (as bench/bench_rl_real.py); tiny: 2 x 2 = 4 with the tiny value model,
 # in fp32, four passes.
 PPO_PROMPTS = {True: 4, False: 2}
+PPO_ACCUMULATION = 2
 
 
 def ppo_flags(demo: Demo, policy, value_model, problems: Path, out: Path) -> list[str]:
@@ -471,7 +472,7 @@ def ppo_flags(demo: Demo, policy, value_model, problems: Path, out: Path) -> lis
         temperature=0.7,
         total_episodes=args.rl_episodes,
         per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=2,
+        gradient_accumulation_steps=PPO_ACCUMULATION,
         local_rollout_forward_batch_size=2 * per_device,
         num_ppo_epochs=1 if demo.real else 4,
         learning_rate=args.rl_learning_rate,
