@@ -142,8 +142,8 @@ def parse_args(argv=None):
     rl.add_argument(
         "--rollout_backend",
         choices=("hf", "vllm"),
-        default="vllm" if importlib.util.find_spec("vllm") else "hf",
-        help="Sampling engine of both arms (default: vLLM where installed).",
+        default=None,
+        help="Sampling engine of both arms (default: vLLM where installed, except for the tiny models).",
     )
 
     run = parser.add_argument_group("evaluation and output")
@@ -159,9 +159,9 @@ def parse_args(argv=None):
     run.add_argument(
         "--server",
         choices=("vllm", "transformers"),
-        default="vllm" if importlib.util.find_spec("vllm") else "transformers",
+        default=None,
         help="Server of the held-out eval (launch_sglang_server.sh --backend): vLLM where installed, else "
-        "transformers serve (about 10x slower here).",
+        "transformers serve (about 10x slower here); the tiny models always get transformers serve.",
     )
     run.add_argument("--out_dir", default="bench_out/rl_real", help="Where runs, replies and the report go.")
     run.add_argument(
@@ -172,6 +172,10 @@ def parse_args(argv=None):
     for name, value in SIZES["quick" if args.quick else "full"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    # vLLM's CPU attention takes head sizes of 32 and up; the tiny models' is 16
+    vllm = importlib.util.find_spec("vllm") is not None and args.model != "tiny"
+    args.rollout_backend = args.rollout_backend or ("vllm" if vllm else "hf")
+    args.server = args.server or ("vllm" if vllm else "transformers")
     if args.episodes_per_update % MICRO_BATCH or args.episodes_per_update % args.group_size:
         parser.error(f"--episodes_per_update must be a multiple of {MICRO_BATCH} and of --group_size")
     return args

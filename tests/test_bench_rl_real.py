@@ -94,3 +94,11 @@ def test_a_rerun_reuses_an_arm_that_finished_training(tmp_path, monkeypatch):
     assert flag(grpo_cmd, "learning_rate") == str(args.grpo_learning_rate)
     assert flag(grpo_cmd, "total_episodes") == str(args.grpo_updates * args.episodes_per_update)
     assert flag(grpo_cmd, "num_generations") == str(args.group_size)
+
+
+def test_the_tiny_models_never_get_vllm():
+    # vLLM's CPU attention refuses the tiny models' head size of 16
+    tiny = bench.parse_args(["--eval_dir", "x", "--quick", "--model", "tiny"])
+    assert (tiny.rollout_backend, tiny.server) == ("hf", "transformers")
+    chosen = bench.parse_args(["--eval_dir", "x", "--rollout_backend", "hf", "--server", "transformers"])
+    assert (chosen.rollout_backend, chosen.server) == ("hf", "transformers")
