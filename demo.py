@@ -262,8 +262,9 @@ class Demo:
         print(f"serving {label} with {SERVER_NAMES[self.args.server]}", flush=True)
         if self.args.server == "vllm":
             # Uncompiled: vLLM compiles afresh for every new model folder (the path is part of its compile-cache
-            # key), 96 s against 14 s here, and compiled decoding is only 1.4x faster (503 against 350 tokens/s),
-            # which pays off past some 90,000 tokens; a demo server writes at most 30,000.
+            # key), ready in 93 s against 16 s here, and compiled decoding is only 1.35x faster (694 against 512
+            # tokens/s), which pays off past some 150,000 tokens (bench/bench_vllm_compile.py); a demo server
+            # writes at most 30,000.
             server_flags = ("--optimization-level", "0", *server_flags)
         try:
             extra = ["--", *server_flags] if server_flags else []
