@@ -116,6 +116,14 @@ class ScriptArguments:
             "dapo, bnpo, cispo, sapo, luspo, vespo. Default: TRL's (dapo)."
         },
     )
+    vllm_importance_sampling_correction: bool = field(
+        default=True,
+        metadata={
+            "help": "GRPO/RLOO with --rollout_backend vllm: weigh each response by the trainer's probability of it "
+            "over vLLM's (TRL's correction, sequence-level, dropping weights above 3). False trains on vLLM's "
+            "samples as they are, as PPO does, and saves a forward pass per batch."
+        },
+    )
 
 
 @dataclass
@@ -184,6 +192,10 @@ def parse_args(argv=None):
         parser.error(f"--algorithm must be ppo, grpo or rloo, got {script_args.algorithm!r}")
     if not 0 <= script_args.eval_fraction < 1:
         parser.error(f"--eval_fraction must be in [0, 1), got {script_args.eval_fraction}")
+    if not script_args.vllm_importance_sampling_correction and script_args.algorithm == "ppo":
+        parser.error(
+            "--vllm_importance_sampling_correction applies to grpo and rloo; PPO has no such weights"
+        )
     if script_args.loss_type is not None and script_args.algorithm != "grpo":
         parser.error(
             f"--loss_type selects a GRPO loss; it does not apply to --algorithm {script_args.algorithm}"

@@ -65,6 +65,9 @@ PYTHON = sys.executable
 DEMO_DATA = ROOT / "data" / "demo_data.json"
 ARMS = ("ppo", "grpo")
 FORMAT_SLACK = 0.02
+# vLLM compiles afresh for each new model folder: ready in 16 s uncompiled against 93 s, decoding at 0.74x the
+# speed, which pays off only past some 150,000 tokens (bench/bench_vllm_compile.py); an eval writes at most 51,200.
+UNCOMPILED = ("--optimization-level", "0")
 # Responses per forward and backward pass: the logits of 8 x 768 tokens over a 49,152-token vocabulary already
 # take 1.2 GB in fp32, and a PPO update with micro-batches of 8 went past this machine's 24 GB.
 MICRO_BATCH = 4
@@ -136,6 +139,12 @@ def parse_args(argv=None):
     rl.add_argument("--kl_coef", type=float, default=0.03, help="KL penalty (PPO) / beta (GRPO).")
     rl.add_argument(
         "--ppo_epochs", type=int, default=1, help="PPO passes over each rollout batch (GRPO makes one)."
+    )
+    rl.add_argument(
+        "--grpo_importance_sampling",
+        action="store_true",
+        help="GRPO: keep TRL's weighting of each vLLM sample by trainer over engine probability (off by "
+        "default: see train_arm).",
     )
     rl.add_argument("--temperature", type=float, default=0.7, help="Rollout sampling temperature.")
     rl.add_argument("--response_length", type=int, default=None, help="Tokens per rollout (full: 256).")
@@ -303,8 +312,17 @@ def train_arm(bench: Bench, algorithm: str, sft_model: Path, train_path: Path) -
             local_rollout_forward_batch_size=2 * MICRO_BATCH,
         )
     else:
-        # one optimizer step per sampled batch (TRL's default num_iterations), so a step is an update
-        extra = flags(num_generations=args.group_size, num_ppo_epochs=1, logging_steps=1)
+        # One optimizer step per sampled batch (TRL's default num_iterations), so a step is an update. The engine
+        # samples from the policy it was just given, so the two differ only in arithmetic, yet TRL's per-response
+        # weights for that gap averaged 0.71-0.76 at the first step, before any update: each is a product over
+        # some 220 tokens whose log-probabilities differ by 0.035 on average. Off, they cost no forward pass and
+        # add no noise to the gradient.
+        extra = flags(
+            num_generations=args.group_size,
+            num_ppo_epochs=1,
+            logging_steps=1,
+            vllm_importance_sampling_correction=args.grpo_importance_sampling,
+        )
     bench.run([PYTHON, "RL_stage2.py", *common, *extra], algorithm)
     return out
 
@@ -353,7 +371,12 @@ def main(args) -> int:
     results = {}
     for label, model in models.items():
         sources, replies, seconds = evaluate(
-            str(model), heldout_path, bench.out_dir / "eval" / label, args, backend=args.server
+            str(model),
+            heldout_path,
+            bench.out_dir / "eval" / label,
+            args,
+            server_flags=UNCOMPILED if args.server == "vllm" else (),
+            backend=args.server,
         )
         scores = reply_scores(replies)["all"]
         results[label] = {

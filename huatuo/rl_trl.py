@@ -19,7 +19,8 @@ report_to, run_name, seed, ...) are copied as they are:
                          as in PPO, and TRL reuses each sampled batch for num_iterations optimizer steps, so
                          the three algorithms spend the same generation budget
     rollout_backend "vllm" -> use_vllm (colocated with training, CPU or GPU; vllm_max_model_length = max_prompt_length
-                         + response_length; vllm_tensor_parallel_size, vllm_enable_sleep_mode as they are)
+                         + response_length; vllm_tensor_parallel_size, vllm_enable_sleep_mode and
+                         vllm_importance_sampling_correction as they are)
     loss_type (GRPO)  -> loss_type (grpo, dr_grpo, dapo, ...; TRL's default when unset)
     lora_r, lora_alpha, lora_dropout, lora_target_modules -> peft_config (a LoRA adapter; TRL then computes the
                          reference log-probabilities with the adapter switched off, so no second model is loaded)
@@ -85,6 +86,7 @@ RENAMED = {
     "vllm_gpu_memory_utilization": "vllm_gpu_memory_utilization",
     "vllm_tensor_parallel_size": "vllm_tensor_parallel_size",
     "vllm_enable_sleep_mode": "vllm_enable_sleep_mode",
+    "vllm_importance_sampling_correction": "vllm_importance_sampling_correction",
 }
 
 

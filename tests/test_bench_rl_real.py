@@ -94,6 +94,12 @@ def test_a_rerun_reuses_an_arm_that_finished_training(tmp_path, monkeypatch):
     assert flag(grpo_cmd, "learning_rate") == str(args.grpo_learning_rate)
     assert flag(grpo_cmd, "total_episodes") == str(args.grpo_updates * args.episodes_per_update)
     assert flag(grpo_cmd, "num_generations") == str(args.group_size)
+    # GRPO trains on the engine's samples unweighted unless asked; PPO has no such flag
+    assert flag(grpo_cmd, "vllm_importance_sampling_correction") == "False"
+    assert "--vllm_importance_sampling_correction" not in ppo_cmd
+    args.grpo_importance_sampling = True
+    bench.train_arm(runner, "grpo", tmp_path / "sft", tmp_path / "train.json")
+    assert flag(commands[-1][1], "vllm_importance_sampling_correction") == "True"
 
 
 def test_the_tiny_models_never_get_vllm():

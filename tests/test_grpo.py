@@ -186,6 +186,9 @@ def test_flag_mapping_and_batch_checks():
         == "dr_grpo"
     )
     assert config.gradient_checkpointing
+    assert config.vllm_importance_sampling_correction  # TRL's default where the flag is left unset
+    unweighted = SimpleNamespace(**{**vars(args), "vllm_importance_sampling_correction": False})
+    assert not trl_config("grpo", unweighted, 8).vllm_importance_sampling_correction
     assert (
         not config.use_vllm
         and trl_config("rloo", SimpleNamespace(**{**vars(args), "rollout_backend": "vllm"}), 8).use_vllm

@@ -244,6 +244,8 @@ def test_config_rejects_bad_values(tmp_path):
         PPOConfig(output_dir=str(tmp_path), temperature=0.0, report_to="none")
     with pytest.raises(SystemExit):
         RL_stage2.parse_args(["--algorithm", "dpo"])
+    with pytest.raises(SystemExit):  # PPO recomputes its log-probabilities and weighs no sample
+        RL_stage2.parse_args(["--vllm_importance_sampling_correction", "False"])
 
 
 def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
