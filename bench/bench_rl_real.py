@@ -24,11 +24,11 @@ targets, marked met or missed: some arm raises the held-out mean reward over SFT
 above 0 while its format rate stays >= SFT's - 0.02; some arm's training reward slope has its interval above 0.
 Plots: reward_curves.png (the training reward of both arms with their fitted lines) and <arm>_diagnostics.png.
 
-Measured on this 2-core CPU, SFT model given (6 epochs, as made here; the demo's has 5): PPO 15 updates of 16
-episodes at 256 tokens 26 minutes (about 21 on a quiet machine), GRPO 30 steps about 31, each model served on 200
-questions at 256 tokens 5-6.5 (about 1 question/s with 32 in flight, plus the vLLM start): about 70 minutes in all
-with both arms, 6 more when the SFT model is made here; --arms picks one. A rerun reuses an arm whose final policy
-is saved, and eval.py resumes the replies it has. The README has the measured results of each setting tried.
+Measured on this 2-core CPU, SFT model given (6 epochs, as made here; the demo's has 5), the defaults in one run:
+52 minutes (PPO 15 updates of 16 episodes at 256 tokens 19, GRPO 30 steps 24, each model served uncompiled on 200
+questions at 256 tokens about 3), both targets met; 6 more when the SFT model is made here; --arms picks one. A rerun
+reuses an arm whose final policy is saved, and eval.py resumes the replies it has. The README has the measured results
+of each setting tried.
 """
 
 import argparse
